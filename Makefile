@@ -1,0 +1,40 @@
+# Every target builds its own virtual environment from nothing if .venv is missing.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# torch pinned in the same command so pip keeps the CPU build instead of pulling a CUDA one.
+TORCH := torch==2.13.0
+
+.PHONY: setup test test-quick lint format demo bench clean
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH)" -e ".[train,dev]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-quick: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: $(STAMP)
+	$(BIN)/ruff check bdlora tests scripts
+	$(BIN)/ruff format --check bdlora tests scripts
+
+format: $(STAMP)
+	$(BIN)/ruff format bdlora tests scripts
+	$(BIN)/ruff check --fix bdlora tests scripts
+
+demo: $(STAMP)
+	$(BIN)/bdlora demo
+
+bench: $(STAMP)
+	$(BIN)/python scripts/bench_tp1.py
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache

@@ -1,0 +1,76 @@
+"""``bdlora`` command line: ``plan`` (what would be adapted, and how) and ``demo``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from bdlora.config import BDLoraConfig, BDLoraConfigError
+from bdlora.plan import resolve_plan
+from bdlora.presets import PRESETS, build_model
+
+
+def _load_config(source: str | None) -> BDLoraConfig:
+    if source is None:
+        return BDLoraConfig()
+    if Path(source).name == "adapter_config.json" or (Path(source) / "adapter_config.json").is_file():
+        from bdlora.peft_io import read_adapter_config  # noqa: PLC0415
+
+        return read_adapter_config(Path(source).parent if Path(source).is_file() else source)
+    if not Path(source).is_file():
+        raise FileNotFoundError(f"--config {source!r}: no such file")
+    return BDLoraConfig.from_yaml(source)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    config = _load_config(args.config)
+    if args.model in PRESETS:
+        model = build_model(args.model, device="meta")
+    elif Path(args.model).is_dir():
+        import torch  # noqa: PLC0415
+        from transformers import AutoConfig, AutoModelForCausalLM  # noqa: PLC0415
+
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(args.model))
+    else:
+        raise FileNotFoundError(
+            f"--model {args.model!r} is neither a model directory nor a preset ({', '.join(PRESETS)})"
+        )
+    print(resolve_plan(model, config).format(tp=args.tp))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from bdlora.demo import run_demo  # noqa: PLC0415
+
+    losses = run_demo(args.steps, args.out)
+    return 0 if losses[-1] < losses[0] else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bdlora", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    plan = sub.add_parser("plan", help="print the adapter plan for a model and pattern config")
+    plan.add_argument("--model", default="tiny-llama", help=f"model dir or preset: {', '.join(PRESETS)}")
+    plan.add_argument("--config", help="BD-LoRA YAML config, or a PEFT adapter dir / adapter_config.json")
+    plan.add_argument("--tp", type=int, default=1, help="show parameters per rank at this TP degree")
+    plan.set_defaults(func=cmd_plan)
+    demo = sub.add_parser("demo", help="train a tiny Llama with BD-LoRA for a few steps")
+    demo.add_argument("--steps", type=int, default=40)
+    demo.add_argument("--out", default="outputs/demo_adapter", help="where to save the adapter")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (BDLoraConfigError, FileNotFoundError, KeyError) as err:
+        print(f"bdlora {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,276 @@
+"""The pattern config: one ordered map from module-name regex to per-module overrides.
+
+A pattern key ``KEY`` matches a module whose qualified name (as in ``model.named_modules()``)
+it matches in full, or whose dot-bounded suffix it matches in full:
+``re.fullmatch(r"(?:.*\\.)?(?:KEY)", name)``. So ``down_proj``, ``layers\\.0\\..*`` and ``.*_proj``
+all do what one expects. The first matching key wins; a key mapped to ``None`` excludes the module.
+Start a key with ``\\A`` to match the full qualified name only.
+"""
+
+from __future__ import annotations
+
+import difflib
+import itertools
+import json
+import math
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bdlora.roles import Role
+
+INIT_STRATEGIES = ("lora", "gaussian", "base_stats")
+UNMATCHED_ACTIONS = ("error", "warn", "ignore")
+OVERRIDE_KEYS = ("rank", "alpha", "dropout", "init", "role")
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class BDLoraConfigError(ValueError):
+    """A pattern config that cannot be applied; the message names the key, module and value."""
+
+
+def compile_key(key: str, where: str) -> re.Pattern[str]:
+    """Compile a pattern key into the suffix-matching regex; ``where`` names it in errors."""
+    try:
+        return re.compile(rf"(?:.*\.)?(?:{key})")
+    except re.error as err:
+        raise BDLoraConfigError(f"{where}: {key!r} is not a valid regular expression ({err})") from None
+
+
+def _closest(word: str, choices: Iterable[str]) -> str:
+    match = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.0)
+    return match[0] if match else ""
+
+
+@dataclass(frozen=True)
+class ModuleSettings:
+    """The settings one module ends up with after the patterns are applied."""
+
+    rank: int
+    alpha: float
+    dropout: float
+    init: str
+    role: Role | None  # None: take the role from the model's TP plan
+    pattern: str | None  # the key that decided, None for the global defaults
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+def _check_settings(settings: ModuleSettings, where: str, nblocks: int) -> None:
+    if not isinstance(settings.rank, int) or settings.rank <= 0:
+        raise BDLoraConfigError(f"{where}: rank must be a positive integer, got {settings.rank!r}")
+    if settings.rank % nblocks:
+        raise BDLoraConfigError(
+            f"{where}: rank {settings.rank} is not divisible by nblocks={nblocks}; "
+            f"use a multiple of {nblocks} (e.g. {nblocks * max(1, round(settings.rank / nblocks))})"
+        )
+    if not isinstance(settings.alpha, (int, float)) or not settings.alpha > 0:
+        raise BDLoraConfigError(f"{where}: alpha must be a positive number, got {settings.alpha!r}")
+    if not isinstance(settings.dropout, (int, float)) or not 0.0 <= settings.dropout < 1.0:
+        raise BDLoraConfigError(f"{where}: dropout must lie in [0, 1), got {settings.dropout!r}")
+    if settings.init not in INIT_STRATEGIES:
+        raise BDLoraConfigError(
+            f"{where}: unknown init {settings.init!r}; valid: {', '.join(INIT_STRATEGIES)}"
+        )
+
+
+@dataclass
+class BDLoraConfig:
+    """Global adapter settings plus ordered per-module ``patterns``.
+
+    ``patterns`` maps a regex key to a dict of overrides (keys: rank, alpha, dropout, init, role) or
+    to ``None`` to exclude the modules it matches. Only modules matched by ``target_modules``
+    (same key syntax) are adapted at all.
+    """
+
+    rank: int = 8
+    alpha: float = 16.0
+    nblocks: int = 2
+    dropout: float = 0.0
+    init: str = "lora"
+    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
+    patterns: dict[str, dict[str, Any] | None] = field(default_factory=dict)
+    on_unmatched_pattern: str = "error"  # or "warn", "ignore"
+
+    def __post_init__(self) -> None:
+        self.target_modules = list(self.target_modules)
+        self.patterns = dict(self.patterns or {})
+        self.validate()
+
+    # -- validation -------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Check everything that does not need the model; raises BDLoraConfigError."""
+        if not isinstance(self.nblocks, int) or self.nblocks <= 0:
+            raise BDLoraConfigError(f"nblocks must be a positive integer, got {self.nblocks!r}")
+        if self.on_unmatched_pattern not in UNMATCHED_ACTIONS:
+            raise BDLoraConfigError(
+                f"on_unmatched_pattern must be one of {', '.join(UNMATCHED_ACTIONS)}, "
+                f"got {self.on_unmatched_pattern!r}"
+            )
+        if not self.target_modules:
+            raise BDLoraConfigError("target_modules is empty: name at least one module, e.g. 'q_proj'")
+        self._targets = [compile_key(k, f"target_modules entry {k!r}") for k in self.target_modules]
+        _check_settings(self.defaults(), "global settings", self.nblocks)
+        self._compiled: list[tuple[str, re.Pattern[str], dict[str, Any] | None]] = []
+        for key, overrides in self.patterns.items():
+            where = f"patterns[{key!r}]"
+            checked = None if overrides is None else self._check_overrides(key, overrides)
+            self._compiled.append((key, compile_key(key, where), checked))
+
+    def _check_overrides(self, key: str, overrides: Mapping[str, Any]) -> dict[str, Any]:
+        where = f"patterns[{key!r}]"
+        if not isinstance(overrides, Mapping):
+            raise BDLoraConfigError(
+                f"{where}: expected a dict of overrides or None (exclude), got {overrides!r}"
+            )
+        for name in overrides:
+            if name not in OVERRIDE_KEYS:
+                raise BDLoraConfigError(
+                    f"{where}: unknown override key {name!r}; did you mean "
+                    f"{_closest(name, OVERRIDE_KEYS)!r}? Valid keys: {', '.join(OVERRIDE_KEYS)}"
+                )
+        overrides = dict(overrides)
+        if "role" in overrides:
+            overrides["role"] = Role.parse(overrides["role"], where)
+        _check_settings(replace(self.defaults(), **overrides), where, self.nblocks)
+        return overrides
+
+    def defaults(self) -> ModuleSettings:
+        return ModuleSettings(self.rank, self.alpha, self.dropout, self.init, None, None)
+
+    # -- matching ---------------------------------------------------------------------------
+    def is_target(self, name: str) -> bool:
+        return any(regex.fullmatch(name) for regex in self._targets)
+
+    def match(self, name: str) -> tuple[str | None, ModuleSettings | None]:
+        """The deciding pattern key and the module's settings (None: excluded by that key)."""
+        for key, regex, overrides in self._compiled:
+            if regex.fullmatch(name):
+                if overrides is None:
+                    return key, None
+                return key, replace(self.defaults(), pattern=key, **overrides)
+        return None, self.defaults()
+
+    def unmatched_patterns(self, names: Iterable[str]) -> list[str]:
+        """Pattern keys that match none of ``names`` (the targeted modules)."""
+        names = list(names)
+        return [k for k, regex, _ in self._compiled if not any(regex.fullmatch(n) for n in names)]
+
+    # -- (de)serialisation ------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["patterns"] = {
+            k: None if v is None else {n: (x.value if isinstance(x, Role) else x) for n, x in v.items()}
+            for k, v in self.patterns.items()
+        }
+        return json.loads(json.dumps(out))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> BDLoraConfig:
+        names = [f.name for f in fields(cls)]
+        for key in data:
+            if key not in names:
+                raise BDLoraConfigError(
+                    f"unknown config key {key!r}; did you mean {_closest(key, names)!r}? "
+                    f"Valid keys: {', '.join(names)}"
+                )
+        return cls(**dict(data))
+
+    def to_yaml(self, path: str | Path | None = None) -> str:
+        text = yaml.safe_dump(self.to_dict(), sort_keys=False)
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    @classmethod
+    def from_yaml(cls, source: str | Path) -> BDLoraConfig:
+        """Load from a YAML file path or a YAML string."""
+        text = Path(source).read_text() if Path(str(source)).is_file() else str(source)
+        data = yaml.safe_load(text)
+        if not isinstance(data, Mapping):
+            raise BDLoraConfigError(f"expected a YAML mapping of config keys, got {type(data).__name__}")
+        return cls.from_dict(data)
+
+    # -- PEFT interop -----------------------------------------------------------------------
+    @classmethod
+    def from_peft(cls, lora_config: Any) -> BDLoraConfig:
+        """Convert a PEFT ``LoraConfig`` (object or dict) keeping PEFT's matching semantics.
+
+        PEFT looks rank, alpha and the block-diagonal side up independently; first-match-wins over
+        one ordered map reproduces that with one key per combination, most specific first.
+        """
+        cfg = lora_config if isinstance(lora_config, Mapping) else asdict(lora_config)
+        if cfg.get("use_rslora"):
+            raise BDLoraConfigError("use_rslora=True is not supported: scale is alpha / rank")
+        targets = cfg.get("target_modules")
+        if targets is None:
+            raise BDLoraConfigError("PEFT config has no target_modules; list the modules to adapt")
+        if isinstance(targets, str):
+            target_keys = [rf"\A(?:{targets})"]
+        else:
+            target_keys = [re.escape(t) for t in sorted(targets)]
+        patterns: dict[str, dict[str, Any] | None] = {}
+        excluded = cfg.get("exclude_modules") or []
+        if isinstance(excluded, str):
+            patterns[rf"\A(?:{excluded})"] = None
+        else:
+            patterns.update({re.escape(e): None for e in sorted(excluded)})
+        bd = cfg.get("use_bdlora") or {}
+        bd = bd if isinstance(bd, Mapping) else asdict(bd)
+        roles = [(rf".*{re.escape(s)}.*", {"role": Role.ROW}) for s in bd.get("target_modules_bd_a") or []]
+        roles += [
+            (rf".*{re.escape(s)}.*", {"role": Role.COLUMN}) for s in bd.get("target_modules_bd_b") or []
+        ]
+        dims = [
+            [(k, {"rank": int(v)}) for k, v in (cfg.get("rank_pattern") or {}).items()],
+            [(k, {"alpha": float(v)}) for k, v in (cfg.get("alpha_pattern") or {}).items()],
+            roles,
+        ]
+        patterns.update(_combine_independent(dims))
+        return cls(
+            rank=int(cfg["r"]),
+            alpha=float(cfg["lora_alpha"]),
+            nblocks=int(bd.get("nblocks", 1)) if bd else 1,
+            dropout=float(cfg.get("lora_dropout") or 0.0),
+            target_modules=target_keys,
+            patterns=patterns,
+            on_unmatched_pattern="ignore",
+        )
+
+
+def _combine_independent(
+    dims: list[list[tuple[str, dict[str, Any]]]],
+) -> dict[str, dict[str, Any]]:
+    """Ordered keys whose first match equals an independent first-match lookup in each of ``dims``.
+
+    For every non-empty subset of dimensions (larger subsets first) and every choice of one key per
+    chosen dimension (in each dimension's order), emit a key that requires all chosen keys to match.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    live = [d for d in dims if d]
+    for size in range(len(live), 0, -1):
+        for subset in itertools.combinations(live, size):
+            for combo in itertools.product(*subset):
+                if size == 1:
+                    key = combo[0][0]
+                else:
+                    key = r"\A" + "".join(rf"(?=(?:.*\.)?(?:{k})\Z)" for k, _ in combo) + ".*"
+                merged: dict[str, Any] = {}
+                for _, overrides in combo:
+                    merged.update(overrides)
+                out.setdefault(key, merged)
+    return out
+
+
+def divisible(value: int, by: int) -> bool:
+    return by > 0 and value % by == 0
+
+
+def lcm(*values: int) -> int:
+    return math.lcm(*values)

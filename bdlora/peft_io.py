@@ -1,0 +1,221 @@
+"""Adapters in PEFT's own on-disk format: ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+``peft-bdlora`` writes a ``LoraConfig`` with ``use_bdlora`` and the block-diagonal factor packed
+``(out, in / N)`` exactly as PEFT stores it; ``peft-lora`` expands it to a dense factor so any
+LoRA consumer loads it. Per-module ranks and alphas go to ``rank_pattern`` / ``alpha_pattern``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from bdlora.config import BDLoraConfig, BDLoraConfigError
+from bdlora.model import adapters_of, apply_bdlora
+from bdlora.plan import ModulePlan, Plan
+from bdlora.roles import Role
+
+FORMATS = ("peft-bdlora", "peft-lora")
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+
+
+def _leaf(name: str) -> str:
+    return name.rsplit(".", 1)[-1]
+
+
+def _targets(plan: Plan, linear_names: list[str]) -> tuple[list[str], list[str]]:
+    """(target_modules, exclude_modules): leaf names, minus the linear modules the plan leaves out."""
+    leaves = sorted({_leaf(n) for n in plan.names})
+    adapted = set(plan.names)
+    excluded = sorted(n for n in linear_names if _leaf(n) in leaves and n not in adapted)
+    return leaves, excluded
+
+
+def _pattern(plan: Plan, value_of, default) -> dict[str, Any]:
+    """PEFT ``rank_pattern`` / ``alpha_pattern``: per-leaf keys where a leaf agrees, else full names."""
+    by_leaf: dict[str, set] = {}
+    for m in plan.modules:
+        by_leaf.setdefault(_leaf(m.name), set()).add(value_of(m))
+    full, leaf = {}, {}
+    for m in plan.modules:
+        values = by_leaf[_leaf(m.name)]
+        if len(values) == 1 and value_of(m) != default:
+            leaf[re.escape(_leaf(m.name))] = value_of(m)
+        elif len(values) > 1 and value_of(m) != default:
+            full[re.escape(m.name)] = value_of(m)
+    return {**full, **leaf}
+
+
+def _bd_lists(plan: Plan) -> tuple[list[str], list[str]]:
+    """Substrings for PEFT's ``target_modules_bd_a`` (row) / ``_bd_b`` (column)."""
+    sides = {
+        Role.ROW: sorted({_leaf(m.name) for m in plan.modules if m.role is Role.ROW}),
+        Role.COLUMN: sorted({_leaf(m.name) for m in plan.modules if m.role is Role.COLUMN}),
+    }
+    for m in plan.modules:
+        other = Role.COLUMN if m.role is Role.ROW else Role.ROW
+        if any(s in m.name for s in sides[other]):  # PEFT matches by substring
+            sides = {role: sorted(n.name for n in plan.modules if n.role is role) for role in Role}
+            break
+    return sides[Role.ROW], sides[Role.COLUMN]
+
+
+def peft_config_dict(model: nn.Module, adapter_name: str, fmt: str) -> dict[str, Any]:
+    """The ``LoraConfig`` fields that reproduce adapter ``adapter_name`` in PEFT."""
+    from peft import BdLoraConfig, LoraConfig  # noqa: PLC0415  (heavy import, only when saving)
+
+    record = adapters_of(model)[adapter_name]
+    plan, config = record.plan, record.config
+    rank = Counter(m.rank for m in plan.modules).most_common(1)[0][0]
+    alpha = Counter(m.settings.alpha for m in plan.modules).most_common(1)[0][0]
+    linear_names = [
+        n
+        for n, m in model.named_modules()
+        if isinstance(getattr(m, "base_layer", m), nn.Linear) and not n.endswith("base_layer")
+    ]
+    targets, excluded = _targets(plan, linear_names)
+    kwargs: dict[str, Any] = dict(
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=config.dropout,
+        target_modules=targets,
+        exclude_modules=excluded or None,
+        rank_pattern=_pattern(plan, lambda m: m.rank, rank),
+        alpha_pattern=_pattern(plan, lambda m: m.settings.alpha, alpha),
+        base_model_name_or_path=getattr(getattr(model, "config", None), "_name_or_path", None),
+        task_type="CAUSAL_LM" if type(model).__name__.endswith("ForCausalLM") else None,
+    )
+    if fmt == "peft-bdlora":
+        bd_a, bd_b = _bd_lists(plan)
+        kwargs["use_bdlora"] = BdLoraConfig(
+            target_modules_bd_a=bd_a, target_modules_bd_b=bd_b, nblocks=plan.nblocks
+        )
+    out = LoraConfig(**kwargs).to_dict()
+    out["target_modules"] = sorted(out["target_modules"])
+    return json.loads(json.dumps(out, default=lambda o: o.__dict__ if hasattr(o, "__dict__") else str(o)))
+
+
+def adapter_tensors(model: nn.Module, adapter_name: str, fmt: str) -> dict[str, torch.Tensor]:
+    """PEFT key -> tensor for every factor (packed for ``peft-bdlora``, dense for ``peft-lora``)."""
+    plan = adapters_of(model)[adapter_name].plan
+    out = {}
+    for m in plan.modules:
+        layer = model.get_submodule(m.name)
+        if fmt == "peft-bdlora":
+            a, b = layer.lora_A[adapter_name].detach(), layer.lora_B[adapter_name].detach()
+        else:
+            a, b = layer.dense_factors(adapter_name)
+        out[f"{PREFIX}{m.name}.lora_A.weight"] = a.contiguous().clone()
+        out[f"{PREFIX}{m.name}.lora_B.weight"] = b.contiguous().clone()
+    return out
+
+
+def write_adapter_files(directory: str | Path, config: dict, tensors: dict[str, torch.Tensor]) -> Path:
+    """Write both files atomically: each goes to a temporary name first, then is renamed."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, write in (
+        (WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"})),
+        (CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(config, indent=2, sort_keys=True))),
+    ):
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.")
+        os.close(fd)
+        try:
+            write(tmp)
+            os.replace(tmp, directory / name)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return directory
+
+
+def save_adapter(
+    model: nn.Module, directory: str | Path, format: str = "peft-bdlora", adapter_name: str | None = None
+) -> Path:
+    """Save one adapter in PEFT's format; ``peft.PeftModel.from_pretrained(base, directory)`` loads it."""
+    if format not in FORMATS:
+        raise ValueError(f"unknown format {format!r}; valid: {', '.join(FORMATS)}")
+    adapter_name = adapter_name or _only_adapter(model)
+    config = peft_config_dict(model, adapter_name, format)
+    return write_adapter_files(directory, config, adapter_tensors(model, adapter_name, format))
+
+
+def _only_adapter(model: nn.Module) -> str:
+    names = list(adapters_of(model))
+    if not names:
+        raise ValueError("the model has no bdlora adapter; call apply_bdlora or load_adapter first")
+    return "default" if "default" in names else names[0]
+
+
+def read_adapter_config(directory: str | Path) -> BDLoraConfig:
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: a PEFT adapter directory holds {CONFIG_NAME}")
+    data = json.loads(path.read_text())
+    if data.get("peft_type", "LORA") != "LORA":
+        raise BDLoraConfigError(f"{path}: peft_type {data['peft_type']!r} is not LORA")
+    return BDLoraConfig.from_peft(data)
+
+
+def load_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "default") -> nn.Module:
+    """Load a PEFT LoRA or BD-LoRA adapter (written by bdlora or by PEFT) into ``model``."""
+    config = read_adapter_config(directory)
+    tensors = _read_tensors(Path(directory), model)
+    apply_bdlora(model, config, adapter_name, init=False)
+    plan = adapters_of(model)[adapter_name].plan
+    _copy_factors(model, plan, tensors, adapter_name, directory)
+    return model
+
+
+def _read_tensors(directory: Path, model: nn.Module) -> dict[str, torch.Tensor]:
+    path = directory / WEIGHTS_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found")
+    device = next(model.parameters()).device
+    return {_strip_adapter_name(k): v for k, v in load_file(path, device=str(device)).items()}
+
+
+def _strip_adapter_name(key: str) -> str:
+    return re.sub(r"\.(lora_[AB])\.[^.]+\.weight$", r".\1.weight", key)
+
+
+def _copy_factors(
+    model: nn.Module, plan: Plan, tensors: dict[str, torch.Tensor], adapter_name: str, directory
+) -> None:
+    expected = set()
+    for m in plan.modules:
+        layer = model.get_submodule(m.name)
+        for factor in ("lora_A", "lora_B"):
+            key = f"{PREFIX}{m.name}.{factor}.weight"
+            expected.add(key)
+            _copy_one(getattr(layer, factor)[adapter_name], tensors, key, m, directory)
+    unused = sorted(set(tensors) - expected)
+    if unused:
+        raise BDLoraConfigError(
+            f"{directory}: {len(unused)} tensors match no adapted module (first: {unused[0]!r}); "
+            f"the adapter was trained on a different architecture or target_modules"
+        )
+
+
+def _copy_one(param: torch.Tensor, tensors: dict, key: str, m: ModulePlan, directory) -> None:
+    if key not in tensors:
+        raise BDLoraConfigError(f"{directory}: missing tensor {key!r} for module {m.name!r}")
+    value = tensors[key]
+    if tuple(value.shape) != tuple(param.shape):
+        raise BDLoraConfigError(
+            f"{directory}: tensor {key!r} has shape {tuple(value.shape)}, module {m.name!r} "
+            f"({m.role.value}, rank {m.rank}, nblocks {m.nblocks}) expects {tuple(param.shape)}"
+        )
+    with torch.no_grad():
+        param.copy_(value.to(param.dtype))

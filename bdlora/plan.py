@@ -1,0 +1,246 @@
+"""Resolve a pattern config against a model: which module gets what, validated before any weight moves."""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from bdlora.config import BDLoraConfig, BDLoraConfigError, ModuleSettings
+from bdlora.roles import Role, role_of
+
+
+@dataclass(frozen=True)
+class ModulePlan:
+    """One adapted module: its role, sizes and resolved settings."""
+
+    name: str
+    role: Role
+    role_source: str
+    d_in: int
+    d_out: int
+    settings: ModuleSettings
+    nblocks: int
+
+    @property
+    def rank(self) -> int:
+        return self.settings.rank
+
+    @property
+    def params(self) -> int:
+        """BD-LoRA: r (d_in + d_out/N) for column layers, r (d_in/N + d_out) for row layers."""
+        if self.role is Role.COLUMN:
+            return self.rank * (self.d_in + self.d_out // self.nblocks)
+        return self.rank * (self.d_in // self.nblocks + self.d_out)
+
+    @property
+    def lora_params(self) -> int:
+        """Standard LoRA at the same rank: r (d_in + d_out)."""
+        return self.rank * (self.d_in + self.d_out)
+
+    def params_per_rank(self, tp: int) -> int:
+        """Every factor splits evenly over TP ranks (A on r or its blocks, B on d_out or r)."""
+        return self.params // tp
+
+
+@dataclass
+class Plan:
+    """The resolved adapter layout of one model and config."""
+
+    nblocks: int
+    modules: list[ModulePlan]
+    excluded: list[tuple[str, str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def __getitem__(self, name: str) -> ModulePlan:
+        for module in self.modules:
+            if module.name == name:
+                return module
+        raise KeyError(name)
+
+    @property
+    def names(self) -> list[str]:
+        return [m.name for m in self.modules]
+
+    @property
+    def params(self) -> int:
+        return sum(m.params for m in self.modules)
+
+    @property
+    def lora_params(self) -> int:
+        return sum(m.lora_params for m in self.modules)
+
+    def format(self, tp: int = 1) -> str:
+        """A table of adapted modules (layers with equal settings grouped), exclusions and totals."""
+        header = ["module", "role", "role from", "block-diag", "rank", "alpha", "init", "pattern", "params"]
+        if tp > 1:
+            header.append(f"params/rank (tp={tp})")
+        rows = [header]
+        for group_name, members in _group_by_layer(self.modules):
+            m = members[0]
+            row = [
+                group_name,
+                m.role.value,
+                m.role_source,
+                f"{m.role.bd_factor} (N={self.nblocks})",
+                str(m.rank),
+                f"{m.settings.alpha:g}",
+                m.settings.init,
+                m.settings.pattern or "-",
+                f"{sum(x.params for x in members):,}",
+            ]
+            if tp > 1:
+                row.append(f"{sum(x.params_per_rank(tp) for x in members):,}")
+            rows.append(row)
+        widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        for group_name, reasons in _group_excluded(self.excluded):
+            lines.append(f"excluded  {group_name}  ({reasons})")
+        ratio = self.params / self.lora_params if self.lora_params else 0.0
+        lines.append(
+            f"total: {len(self.modules)} modules, {self.params:,} BD-LoRA params vs "
+            f"{self.lora_params:,} standard LoRA at the same ranks ({ratio:.3f}x)"
+        )
+        if tp > 1:
+            lines.append(f"per TP rank (tp={tp}): {self.params // tp:,} params")
+        lines.extend(f"note: {n}" for n in self.notes)
+        return "\n".join(lines)
+
+
+_DIGITS = re.compile(r"\.(\d+)\.")
+
+
+def _ranges(numbers: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2,5'."""
+    numbers = sorted(set(numbers))
+    spans, start, prev = [], numbers[0], numbers[0]
+    for cur in numbers[1:] + [None]:
+        if cur is None or cur != prev + 1:
+            spans.append(str(start) if start == prev else f"{start}-{prev}")
+            start = cur
+        prev = cur
+    return ",".join(spans)
+
+
+def _group_key(name: str) -> tuple[str, int | None]:
+    match = _DIGITS.search(name)
+    if not match:
+        return name, None
+    return name[: match.start()] + ".{}." + name[match.end() :], int(match.group(1))
+
+
+def _group_by_layer(modules: list[ModulePlan]) -> list[tuple[str, list[ModulePlan]]]:
+    groups: dict[tuple, list[ModulePlan]] = {}
+    for m in modules:
+        template, _ = _group_key(m.name)
+        groups.setdefault((template, m.role, m.settings, m.d_in, m.d_out), []).append(m)
+    out = []
+    for (template, *_), members in groups.items():
+        layers = [_group_key(m.name)[1] for m in members]
+        name = template if layers[0] is None else template.format("{" + _ranges(layers) + "}")
+        out.append((name, members))
+    return out
+
+
+def _group_excluded(excluded: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    groups: dict[tuple[str, str], list[int | None]] = {}
+    for name, reason in excluded:
+        template, layer = _group_key(name)
+        groups.setdefault((template, reason), []).append(layer)
+    return [
+        (t if layers[0] is None else t.format("{" + _ranges(layers) + "}"), reason)
+        for (t, reason), layers in groups.items()
+    ]
+
+
+def _linear_sizes(module: nn.Module) -> tuple[int, int] | None:
+    base = getattr(module, "base_layer", module)
+    if isinstance(base, nn.Linear):
+        return base.in_features, base.out_features
+    return None
+
+
+def resolve_plan(model: nn.Module, config: BDLoraConfig) -> Plan:
+    """Match every module of ``model`` against ``config``; all validation errors raise here."""
+    tp_plan = getattr(getattr(model, "config", None), "base_model_tp_plan", None)
+    plan = Plan(nblocks=config.nblocks, modules=[])
+    targeted: list[str] = []
+    for name, module in model.named_modules():
+        if not name or not config.is_target(name) or _is_adapter_part(name):
+            continue
+        sizes = _linear_sizes(module)
+        if sizes is None:
+            if not any(True for _ in module.children()):
+                raise BDLoraConfigError(
+                    f"module {name!r} matches target_modules but is a {type(module).__name__}; "
+                    f"bdlora adapts nn.Linear modules only"
+                )
+            continue
+        targeted.append(name)
+        key, settings = config.match(name)
+        if settings is None:
+            plan.excluded.append((name, f"pattern {key!r} -> None"))
+            continue
+        plan.modules.append(_module_plan(name, sizes, settings, config.nblocks, tp_plan))
+    _check_patterns_used(config, targeted, plan)
+    if not plan.modules:
+        raise BDLoraConfigError(
+            f"no module left to adapt: target_modules={config.target_modules} matched "
+            f"{len(targeted)} linear modules and patterns excluded {len(plan.excluded)}; "
+            f"linear modules look like {_example_linear(model)!r}"
+        )
+    if not tp_plan:
+        plan.notes.append("the model config has no base_model_tp_plan: roles inferred from names")
+    return plan
+
+
+def _is_adapter_part(name: str) -> bool:
+    return ".lora_" in name or name.endswith(".base_layer")
+
+
+def _module_plan(
+    name: str, sizes: tuple[int, int], settings: ModuleSettings, nblocks: int, tp_plan
+) -> ModulePlan:
+    d_in, d_out = sizes
+    if settings.role is not None:
+        role, source = settings.role, f"pattern {settings.pattern!r}"
+    else:
+        try:
+            role, source = role_of(name, tp_plan)
+        except ValueError as err:
+            raise BDLoraConfigError(str(err)) from None
+    split_name, split = ("d_out", d_out) if role is Role.COLUMN else ("d_in", d_in)
+    if split % nblocks:
+        raise BDLoraConfigError(
+            f"module {name!r} ({role.value}-parallel, d_in={d_in}, d_out={d_out}): {split_name}={split} "
+            f"is not divisible by nblocks={nblocks}; its block-diagonal {role.bd_factor} needs "
+            f"{split_name} % nblocks == 0. Pick nblocks dividing {split} or exclude the module."
+        )
+    return ModulePlan(name, role, source, d_in, d_out, settings, nblocks)
+
+
+def _check_patterns_used(config: BDLoraConfig, targeted: Iterable[str], plan: Plan) -> None:
+    if config.on_unmatched_pattern == "ignore":
+        return
+    unused = config.unmatched_patterns(targeted)
+    if not unused:
+        return
+    message = (
+        f"pattern(s) {', '.join(repr(k) for k in unused)} match no targeted module "
+        f"(targets: {config.target_modules})"
+    )
+    if config.on_unmatched_pattern == "error":
+        raise BDLoraConfigError(message + "; fix the regex or set on_unmatched_pattern='warn'")
+    warnings.warn(message, stacklevel=3)
+    plan.notes.append(message)
+
+
+def _example_linear(model: nn.Module) -> str:
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            return name
+    return "<none>"

@@ -1,0 +1,106 @@
+"""Named model configs: tiny ones built on the fly for tests and demos, real ones for planning."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
+    "tiny-llama": (
+        "llama",
+        dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            vocab_size=256,
+            max_position_embeddings=256,
+        ),
+    ),
+    "tiny-qwen2": (
+        "qwen2",
+        dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=256,
+            max_position_embeddings=256,
+        ),
+    ),
+    "tiny-mistral": (
+        "mistral",
+        dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=256,
+            max_position_embeddings=256,
+        ),
+    ),
+    "llama-3.1-8b": (
+        "llama",
+        dict(
+            hidden_size=4096,
+            intermediate_size=14336,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            vocab_size=128256,
+        ),
+    ),
+    "llama-3.1-70b": (
+        "llama",
+        dict(
+            hidden_size=8192,
+            intermediate_size=28672,
+            num_hidden_layers=80,
+            num_attention_heads=64,
+            num_key_value_heads=8,
+            vocab_size=128256,
+        ),
+    ),
+    "qwen2.5-7b": (
+        "qwen2",
+        dict(
+            hidden_size=3584,
+            intermediate_size=18944,
+            num_hidden_layers=28,
+            num_attention_heads=28,
+            num_key_value_heads=4,
+            vocab_size=152064,
+        ),
+    ),
+}
+
+
+def preset_config(name: str):
+    """The transformers config of a preset."""
+    from transformers import AutoConfig  # noqa: PLC0415
+
+    if name not in PRESETS:
+        raise KeyError(f"unknown model preset {name!r}; valid: {', '.join(PRESETS)}")
+    model_type, kwargs = PRESETS[name]
+    return AutoConfig.for_model(model_type, **kwargs)
+
+
+def build_model(name_or_dir: str, device: str | torch.device = "cpu", seed: int = 0) -> nn.Module:
+    """A causal LM from a preset name (random weights, seeded) or a saved model directory.
+
+    ``device="meta"`` builds the structure without allocating weights (for planning big models).
+    """
+    from transformers import AutoModelForCausalLM  # noqa: PLC0415
+
+    if Path(name_or_dir).is_dir():
+        return AutoModelForCausalLM.from_pretrained(name_or_dir, dtype=torch.float32)
+    config = preset_config(name_or_dir)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
