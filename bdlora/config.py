@@ -137,7 +137,10 @@ class BDLoraConfig:
                 )
         overrides = dict(overrides)
         if "role" in overrides:
-            overrides["role"] = Role.parse(overrides["role"], where)
+            try:
+                overrides["role"] = Role.parse(overrides["role"], where)
+            except ValueError as err:
+                raise BDLoraConfigError(str(err)) from None
         _check_settings(replace(self.defaults(), **overrides), where, self.nblocks)
         return overrides
 
@@ -191,7 +194,7 @@ class BDLoraConfig:
     @classmethod
     def from_yaml(cls, source: str | Path) -> BDLoraConfig:
         """Load from a YAML file path or a YAML string."""
-        text = Path(source).read_text() if Path(str(source)).is_file() else str(source)
+        text = Path(source).read_text() if _is_file(source) else str(source)
         data = yaml.safe_load(text)
         if not isinstance(data, Mapping):
             raise BDLoraConfigError(f"expected a YAML mapping of config keys, got {type(data).__name__}")
@@ -206,8 +209,9 @@ class BDLoraConfig:
         one ordered map reproduces that with one key per combination, most specific first.
         """
         cfg = lora_config if isinstance(lora_config, Mapping) else asdict(lora_config)
-        if cfg.get("use_rslora"):
-            raise BDLoraConfigError("use_rslora=True is not supported: scale is alpha / rank")
+        for option, why in _UNSUPPORTED_PEFT.items():
+            if cfg.get(option):
+                raise BDLoraConfigError(f"{option}={cfg[option]!r} is not supported: {why}")
         targets = cfg.get("target_modules")
         if targets is None:
             raise BDLoraConfigError("PEFT config has no target_modules; list the modules to adapt")
@@ -242,6 +246,21 @@ class BDLoraConfig:
             patterns=patterns,
             on_unmatched_pattern="ignore",
         )
+
+
+_UNSUPPORTED_PEFT = {
+    "use_rslora": "scale is alpha / rank",
+    "use_dora": "bdlora has no DoRA magnitude vector",
+    "lora_bias": "bdlora's B factors have no bias",
+    "layers_to_transform": "map the layers to leave out to None in patterns instead",
+}
+
+
+def _is_file(source: str | Path) -> bool:
+    try:
+        return Path(source).is_file()
+    except OSError:  # a YAML string too long to be a file name
+        return False
 
 
 def _combine_independent(

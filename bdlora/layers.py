@@ -2,31 +2,37 @@
 
 Storage follows PEFT: ``y = x W^T``, ``W`` is ``(d_out, d_in)``; an adapter adds
 ``scale * B (A x)``. One factor is block-diagonal, kept packed as ``(out, in / N)`` with block ``j``
-equal to ``weight.chunk(N, 0)[j]``:
+equal to ``weight.chunk(N, 0)[j]``. Under tensor parallelism (degree ``t``, ``N`` a multiple of ``t``)
+each rank holds its contiguous shard of every factor, and the same block-diagonal code runs on
+``N/t`` local blocks:
 
-==========  =======================  =======================  ===========================
-role        A                        B                        block-diagonal product
-==========  =======================  =======================  ===========================
-column      dense ``(r, d_in)``      packed ``(d_out, r/N)``  ``B``: N blocks (d_out/N, r/N)
-row         packed ``(r, d_in/N)``   dense ``(d_out, r)``     ``A``: N blocks (r/N, d_in/N)
-==========  =======================  =======================  ===========================
+=======  ===================  ======================  =========================  ============
+role     A on rank i          B on rank i             local compute              adds
+=======  ===================  ======================  =========================  ============
+column   ``(r/t, d_in)``      packed ``(d_out/t,      ``W_i x + s B_i (A_i x)``  nothing
+                              r/N)``, N/t blocks
+row      packed ``(r/t,       ``(d_out, r/t)``        ``W_i x_i + s B_i (A_i     nothing
+         d_in/N)``, N/t blks                          x_i)``, then one all-red.
+=======  ===================  ======================  =========================  ============
 
-Under tensor parallelism a layer holds only its rank's shards (see ``bdlora.parallel``): the
-shapes above with ``d_out/t`` (column) or ``d_in/t`` (row), ``r/t`` and ``N/t`` blocks, and the same
-code runs on them. ``reduce_output`` is the row-parallel all-reduce; it runs once, after the
-adapter's partial output joins the base's, and before the bias.
+The row-parallel all-reduce runs once, after the adapter's partial output joins the base's, and
+before the bias. ``sharding="slora"`` is the dense-LoRA baseline (S-LoRA): column layers shard A
+on r and all-gather the ``(tokens, r)`` activation; row layers shard A on d_in and all-reduce the
+``(tokens, r)`` partial, adding ``B h`` after the base's all-reduce.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bdlora.parallel.comm import TPGroup, gather_from_tp, reduce_from_tp
 from bdlora.roles import Role
+
+SHARDINGS = ("bdlora", "slora")
 
 
 def block_diag_matmul(x: torch.Tensor, w_packed: torch.Tensor, nblocks: int) -> torch.Tensor:
@@ -47,11 +53,37 @@ def expand_block_diag(w_packed: torch.Tensor, nblocks: int) -> torch.Tensor:
     return torch.block_diag(*w_packed.chunk(nblocks, 0))
 
 
-def factor_shapes(role: Role, d_in: int, d_out: int, rank: int, nblocks: int) -> tuple[tuple, tuple]:
-    """Stored shapes of (A, B) for a layer with these (local) sizes."""
+def factor_shard_dims(role: Role, sharding: str = "bdlora") -> tuple[int | None, int | None]:
+    """The dimension of (A, B) that TP splits (None: replicated); the one place placements live."""
+    if sharding == "slora":
+        return (0, 0) if role is Role.COLUMN else (1, None)
+    return (0, 0) if role is Role.COLUMN else (0, 1)
+
+
+def global_factor_shapes(
+    role: Role, d_in: int, d_out: int, rank: int, nblocks: int, sharding: str = "bdlora"
+) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Unsharded (A, B) shapes; S-LoRA is dense LoRA (no block-diagonal factor)."""
+    if sharding == "slora":
+        return (rank, d_in), (d_out, rank)
     if role is Role.COLUMN:
         return (rank, d_in), (d_out, rank // nblocks)
     return (rank, d_in // nblocks), (d_out, rank)
+
+
+def take_shard(tensor: torch.Tensor, dim: int | None, tp: TPGroup) -> torch.Tensor:
+    """This rank's contiguous shard of an unsharded tensor along ``dim`` (None: all of it)."""
+    if dim is None or tp.size == 1:
+        return tensor
+    return tensor.chunk(tp.size, dim)[tp.rank]
+
+
+def shard_shape(shape: tuple[int, int], dim: int | None, size: int) -> tuple[int, int]:
+    if dim is None:
+        return shape
+    out = list(shape)
+    out[dim] //= size
+    return tuple(out)
 
 
 @torch.no_grad()
@@ -83,15 +115,17 @@ class BDLoraLinear(nn.Module):
     """A frozen linear layer with named BD-LoRA adapters, one active at a time."""
 
     def __init__(
-        self,
-        base_layer: nn.Linear,
-        role: Role,
-        reduce_output: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        self, base_layer: nn.Linear, role: Role, tp: TPGroup | None = None, sharding: str = "bdlora"
     ) -> None:
         super().__init__()
+        if sharding not in SHARDINGS:
+            raise ValueError(f"unknown sharding {sharding!r}; valid: {', '.join(SHARDINGS)}")
         self.base_layer = base_layer
         self.role = role
-        self.reduce_output = reduce_output
+        self.tp = tp or TPGroup(None)
+        self.sharding = sharding
+        # (d_out, d_in) of the unsharded base weight; the local weight is a shard of it
+        self.global_shape = tuple(base_layer.weight.shape)
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
         self.lora_dropout = nn.ModuleDict()
@@ -110,23 +144,36 @@ class BDLoraLinear(nn.Module):
     def bias(self) -> torch.Tensor | None:
         return self.base_layer.bias
 
-    def add_adapter(self, name: str, rank: int, nblocks: int, scale: float, dropout: float = 0.0) -> None:
-        """Allocate adapter ``name`` uninitialised (see ``init_factors``).
+    def factor_shapes(self, rank: int, nblocks: int) -> tuple[tuple[int, int], tuple[int, int]]:
+        """(global, local) shapes of (A, B) for a global ``rank`` and ``nblocks``."""
+        d_out, d_in = self.global_shape
+        shapes = global_factor_shapes(self.role, d_in, d_out, rank, nblocks, self.sharding)
+        dims = factor_shard_dims(self.role, self.sharding)
+        local = tuple(shard_shape(sh, d, self.tp.size) for sh, d in zip(shapes, dims))
+        return shapes, local
 
-        ``rank`` and ``nblocks`` are this layer's local share; ``scale`` is the global alpha / r.
-        """
+    def add_adapter(self, name: str, rank: int, nblocks: int, scale: float, dropout: float = 0.0) -> None:
+        """Allocate adapter ``name`` (global ``rank``, ``nblocks``) uninitialised; see ``init_factors``."""
         if name in self.lora_A:
             raise ValueError(f"adapter {name!r} already exists on this layer; delete it first")
-        d_out, d_in = self.base_layer.weight.shape
-        shape_a, shape_b = factor_shapes(self.role, d_in, d_out, rank, nblocks)
+        if self.sharding == "slora":
+            nblocks = 1
+        _, (shape_a, shape_b) = self.factor_shapes(rank, nblocks)
         w = self.base_layer.weight
         self.lora_A[name] = nn.Parameter(torch.empty(shape_a, dtype=w.dtype, device=w.device))
         self.lora_B[name] = nn.Parameter(torch.empty(shape_b, dtype=w.dtype, device=w.device))
         self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.scaling[name] = scale
-        self.nblocks[name] = nblocks
+        self.nblocks[name] = max(nblocks // self.tp.size, 1)  # blocks held locally
         if self.active_adapter is None:
             self.set_adapter(name)
+
+    @torch.no_grad()
+    def set_factors(self, name: str, a_full: torch.Tensor, b_full: torch.Tensor) -> None:
+        """Fill adapter ``name`` from unsharded factors (this rank keeps its shard)."""
+        dim_a, dim_b = factor_shard_dims(self.role, self.sharding)
+        self.lora_A[name].copy_(take_shard(a_full, dim_a, self.tp))
+        self.lora_B[name].copy_(take_shard(b_full, dim_b, self.tp))
 
     def delete_adapter(self, name: str) -> None:
         if name in self.merged:
@@ -151,28 +198,45 @@ class BDLoraLinear(nn.Module):
     def lora_delta(self, x: torch.Tensor, name: str) -> torch.Tensor:
         """``scale * B (A x)`` for adapter ``name``; x: (..., d_in) -> (..., d_out)."""
         a, b, nblocks = self.lora_A[name], self.lora_B[name], self.nblocks[name]
-        x = self.lora_dropout[name](x)
-        if self.role is Role.COLUMN:
-            h = F.linear(x, a)  # (..., r)
-            out = block_diag_matmul(h, b, nblocks)  # (..., d_out)
+        x = self.lora_dropout[name](x.to(a.dtype))
+        if self.sharding == "slora":
+            h = F.linear(x, a)  # column: (..., r/t); row: partial (..., r)
+            if self.role is Role.COLUMN:
+                h = gather_from_tp(h, self.tp)  # (..., r)
+            else:
+                h = reduce_from_tp(h, self.tp)  # (..., r)
+            out = F.linear(h, b)  # column: (..., d_out/t); row: (..., d_out)
+        elif self.role is Role.COLUMN:
+            h = F.linear(x, a)  # (..., r/t)
+            out = block_diag_matmul(h, b, nblocks)  # (..., d_out/t)
         else:
-            h = block_diag_matmul(x, a, nblocks)  # (..., r)
-            out = F.linear(h, b)  # (..., d_out)
+            h = block_diag_matmul(x, a, nblocks)  # (..., r/t)
+            out = F.linear(h, b)  # (..., d_out) partial
         return out * self.scaling[name]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.base_layer.weight)
+        out = F.linear(x, self.base_layer.weight)  # column: (..., d_out/t); row: partial (..., d_out)
         name = self.active_adapter
+        delta = None
         if name is not None and not self.disabled and name not in self.merged:
-            out = out + self.lora_delta(x.to(self.lora_A[name].dtype), name).to(out.dtype)
-        if self.reduce_output is not None:
-            out = self.reduce_output(out)
+            delta = self.lora_delta(x, name).to(out.dtype)
+        # BD-LoRA's partial joins the base's before the one all-reduce; S-LoRA's row output is
+        # already complete, so it is added after.
+        after_reduce = self.sharding == "slora" and self.role is Role.ROW
+        if delta is not None and not after_reduce:
+            out = out + delta
+        if self.role is Role.ROW:
+            out = reduce_from_tp(out, self.tp)
+        if delta is not None and after_reduce:
+            out = out + delta
         if self.base_layer.bias is not None:
             out = out + self.base_layer.bias
         return out
 
     def delta_weight(self, name: str) -> torch.Tensor:
         """``scale * B A`` as a dense (d_out, d_in) matrix, in fp32."""
+        if self.sharding == "slora" and self.tp.size > 1:
+            raise NotImplementedError("merging a TP-sharded S-LoRA adapter needs its gathered A")
         a, b = self.lora_A[name].float(), self.lora_B[name].float()
         nblocks = self.nblocks[name]
         if self.role is Role.COLUMN:
@@ -206,4 +270,7 @@ class BDLoraLinear(nn.Module):
                 self.merged.remove(key)
 
     def extra_repr(self) -> str:
-        return f"role={self.role.value}, adapters={list(self.lora_A)}, active={self.active_adapter}"
+        return (
+            f"role={self.role.value}, sharding={self.sharding}, tp={self.tp.rank}/{self.tp.size}, "
+            f"adapters={list(self.lora_A)}, active={self.active_adapter}"
+        )

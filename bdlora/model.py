@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from bdlora.config import BDLoraConfig
 from bdlora.layers import BDLoraLinear, init_factors
-from bdlora.plan import ModulePlan, Plan, resolve_plan
+from bdlora.parallel.comm import TPGroup
+from bdlora.plan import ModulePlan, Plan, check_plan_tp, resolve_plan
 
 
 @dataclass
@@ -24,6 +27,11 @@ class AdapterRecord:
 
 def adapters_of(model: nn.Module) -> dict[str, AdapterRecord]:
     return model.__dict__.setdefault("bdlora_adapters", {})
+
+
+def tp_state(model: nn.Module) -> tuple[TPGroup, str]:
+    """The TP group a model is sharded over and its sharding mode (``bdlora`` or ``slora``)."""
+    return model.__dict__.get("bdlora_tp", (TPGroup(None), "bdlora"))
 
 
 def bdlora_layers(model: nn.Module) -> Iterator[tuple[str, BDLoraLinear]]:
@@ -43,7 +51,11 @@ def apply_bdlora(
     """
     if adapter_name in adapters_of(model):
         raise ValueError(f"adapter {adapter_name!r} already exists; pick another adapter_name")
+    tp, sharding = tp_state(model)
+    if sharding == "slora":  # the baseline trains dense LoRA
+        config = replace(config, nblocks=1)
     plan = resolve_plan(model, config)
+    check_plan_tp(plan, tp.size, sharding)
     for mp in plan.modules:
         _check_role(model.get_submodule(mp.name), mp)
     model.requires_grad_(False)
@@ -52,11 +64,31 @@ def apply_bdlora(
         s = mp.settings
         layer.add_adapter(adapter_name, s.rank, config.nblocks, s.scale, s.dropout)
         if init:
-            base_std = float(layer.weight.float().std())
-            init_factors(layer.lora_A[adapter_name], layer.lora_B[adapter_name], s.init, base_std, mp.d_in)
+            _init_adapter(layer, adapter_name, mp)
         layer.set_adapter(layer.active_adapter)
     adapters_of(model)[adapter_name] = AdapterRecord(config, plan)
     return model
+
+
+def _init_adapter(layer: BDLoraLinear, adapter_name: str, mp: ModulePlan) -> None:
+    """Initialise the unsharded factors, then keep this rank's shard: the same RNG draws at any TP."""
+    (shape_a, shape_b), _ = layer.factor_shapes(mp.rank, mp.nblocks)
+    w = layer.weight
+    a_full = torch.empty(shape_a, dtype=w.dtype, device=w.device)
+    b_full = torch.empty(shape_b, dtype=w.dtype, device=w.device)
+    base_std = global_std(w, layer.tp) if mp.settings.init == "base_stats" else 0.0
+    init_factors(a_full, b_full, mp.settings.init, base_std, mp.d_in)
+    layer.set_factors(adapter_name, a_full, b_full)
+
+
+def global_std(w_local: torch.Tensor, tp: TPGroup) -> float:
+    """Standard deviation of the unsharded weight from its shards (one all-reduce at TP > 1)."""
+    w = w_local.detach().double()
+    stats = torch.stack([w.sum(), (w * w).sum(), torch.tensor(float(w.numel()), dtype=w.dtype)])
+    if tp.size > 1:
+        dist.all_reduce(stats, group=tp.group)
+    total, sq, n = stats.tolist()
+    return math.sqrt(max(sq - total * total / n, 0.0) / (n - 1))
 
 
 def _wrap(model: nn.Module, mp: ModulePlan) -> BDLoraLinear:

@@ -158,9 +158,12 @@ def _group_excluded(excluded: list[tuple[str, str]]) -> list[tuple[str, str]]:
 
 
 def _linear_sizes(module: nn.Module) -> tuple[int, int] | None:
-    base = getattr(module, "base_layer", module)
-    if isinstance(base, nn.Linear):
-        return base.in_features, base.out_features
+    """(d_in, d_out) of the unsharded layer (a TP-sharded BDLoraLinear knows its global shape)."""
+    if hasattr(module, "global_shape"):
+        d_out, d_in = module.global_shape
+        return d_in, d_out
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
     return None
 
 
@@ -244,3 +247,20 @@ def _example_linear(model: nn.Module) -> str:
         if isinstance(module, nn.Linear):
             return name
     return "<none>"
+
+
+def check_plan_tp(plan: Plan, tp: int, sharding: str = "bdlora") -> None:
+    """Every adapter factor must split evenly over ``tp`` ranks, blocks aligned with the base shards."""
+    if tp == 1:
+        return
+    if sharding == "bdlora" and plan.nblocks % tp:
+        raise BDLoraConfigError(
+            f"nblocks={plan.nblocks} is not divisible by the TP degree {tp}: each rank must hold whole "
+            f"blocks. Use nblocks among multiples of {tp} (e.g. {tp}, {2 * tp}) or tp dividing {plan.nblocks}"
+        )
+    for m in plan.modules:
+        if m.rank % tp:
+            raise BDLoraConfigError(
+                f"module {m.name!r}: rank {m.rank} (pattern {m.settings.pattern or '-'}) is not divisible "
+                f"by the TP degree {tp}"
+            )

@@ -1,0 +1,90 @@
+"""Every tensor-parallel collective bdlora issues, as named autograd functions.
+
+Megatron's mappings: ``copy_to_tp`` ("f": forward identity, backward all-reduce) sits where a
+replicated activation enters column-parallel layers; ``reduce_from_tp`` ("g": forward all-reduce,
+backward identity) sums row-parallel partial outputs. ``gather_from_tp`` exists only for the
+S-LoRA baseline, which needs the full rank dimension of a sharded activation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class TPGroup:
+    """The tensor-parallel process group a model is sharded over, and this process's place in it."""
+
+    group: dist.ProcessGroup | None
+    rank: int = 0
+    size: int = 1
+
+    @classmethod
+    def from_group(cls, group: dist.ProcessGroup) -> TPGroup:
+        return cls(group, dist.get_rank(group), dist.get_world_size(group))
+
+
+class _CopyToTP(torch.autograd.Function):
+    """forward: identity; backward: all-reduce of grad_x over the TP group."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+class _ReduceFromTP(torch.autograd.Function):
+    """forward: all-reduce (sum) of the partial outputs; backward: identity."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+        x = x.clone(memory_format=torch.contiguous_format)  # never reduce a tensor autograd saved
+        dist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None
+
+
+class _GatherFromTP(torch.autograd.Function):
+    """forward: all-gather along the last dim (..., k) -> (..., t*k); backward: reduce-scatter."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+        ctx.group = group
+        t = dist.get_world_size(group)
+        lead, k = x.shape[:-1], x.shape[-1]
+        out = x.new_empty((t, *lead, k))  # (t, ..., k)
+        dist.all_gather_into_tensor(out, x.contiguous(), group=group)
+        return out.movedim(0, -2).reshape(*lead, t * k)  # (..., t*k)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        t = dist.get_world_size(ctx.group)
+        lead, k = grad.shape[:-1], grad.shape[-1] // t
+        chunks = grad.reshape(*lead, t, k).movedim(-2, 0).contiguous()  # (t, ..., k)
+        out = grad.new_empty((*lead, k))  # (..., k)
+        dist.reduce_scatter_tensor(out, chunks, group=ctx.group)
+        return out, None
+
+
+def copy_to_tp(x: torch.Tensor, tp: TPGroup) -> torch.Tensor:
+    return x if tp.size == 1 else _CopyToTP.apply(x, tp.group)
+
+
+def reduce_from_tp(x: torch.Tensor, tp: TPGroup) -> torch.Tensor:
+    return x if tp.size == 1 else _ReduceFromTP.apply(x, tp.group)
+
+
+def gather_from_tp(x: torch.Tensor, tp: TPGroup) -> torch.Tensor:
+    return x if tp.size == 1 else _GatherFromTP.apply(x, tp.group)

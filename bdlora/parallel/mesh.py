@@ -1,0 +1,78 @@
+"""Process group start-up and the (dp, tp) device mesh, validated before anything is built."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from bdlora.parallel.comm import TPGroup
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    """TP and DP degrees; ``dp`` is inferred from the world size when not given."""
+
+    world_size: int
+    tp: int = 1
+    dp: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.tp < 1:
+            raise ValueError(f"tp must be >= 1, got {self.tp}")
+        if self.world_size % self.tp:
+            raise ValueError(
+                f"world size {self.world_size} is not divisible by tp={self.tp}; launch a multiple "
+                f"of {self.tp} processes or pick tp among {_divisors(self.world_size)}"
+            )
+        dp = self.world_size // self.tp if self.dp is None else self.dp
+        if dp * self.tp != self.world_size:
+            raise ValueError(f"dp={dp} x tp={self.tp} = {dp * self.tp} != world size {self.world_size}")
+        object.__setattr__(self, "dp", dp)
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def default_backend() -> str:
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def device_type() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def init_distributed() -> int:
+    """Start the default process group from torchrun's environment (once); returns the world size."""
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:  # a plain `python` run is a world of one
+            os.environ.update(
+                RANK="0",
+                WORLD_SIZE="1",
+                LOCAL_RANK="0",
+                MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=os.environ.get("MASTER_PORT", "29511"),
+            )
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(default_backend())
+    return dist.get_world_size()
+
+
+def build_mesh(dims: ParallelDims) -> DeviceMesh:
+    """A 2-D mesh with dims named ``dp`` (outer) and ``tp`` (inner: TP peers are neighbours)."""
+    if dist.get_world_size() != dims.world_size:
+        raise ValueError(
+            f"mesh for {dims.world_size} ranks, but the process group has {dist.get_world_size()}"
+        )
+    return init_device_mesh(device_type(), (dims.dp, dims.tp), mesh_dim_names=("dp", "tp"))
+
+
+def tp_of_mesh(mesh: DeviceMesh | None) -> TPGroup:
+    if mesh is None:
+        return TPGroup(None)
+    return TPGroup.from_group(mesh.get_group("tp"))
