@@ -53,6 +53,15 @@ def expand_block_diag(w_packed: torch.Tensor, nblocks: int) -> torch.Tensor:
     return torch.block_diag(*w_packed.chunk(nblocks, 0))
 
 
+def dense_factors(
+    role: Role, a: torch.Tensor, b: torch.Tensor, nblocks: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) with the block-diagonal factor expanded: a plain LoRA adapter."""
+    if role is Role.COLUMN:
+        return a, expand_block_diag(b, nblocks)
+    return expand_block_diag(a, nblocks), b
+
+
 def factor_shard_dims(role: Role, sharding: str = "bdlora") -> tuple[int | None, int | None]:
     """The dimension of (A, B) that TP splits (None: replicated); the one place placements live."""
     if sharding == "slora":
@@ -237,20 +246,10 @@ class BDLoraLinear(nn.Module):
         """``scale * B A`` as a dense (d_out, d_in) matrix, in fp32."""
         if self.sharding == "slora" and self.tp.size > 1:
             raise NotImplementedError("merging a TP-sharded S-LoRA adapter needs its gathered A")
-        a, b = self.lora_A[name].float(), self.lora_B[name].float()
-        nblocks = self.nblocks[name]
-        if self.role is Role.COLUMN:
-            b = expand_block_diag(b, nblocks)
-        else:
-            a = expand_block_diag(a, nblocks)
+        a, b = dense_factors(
+            self.role, self.lora_A[name].float(), self.lora_B[name].float(), self.nblocks[name]
+        )
         return (b @ a) * self.scaling[name]
-
-    def dense_factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A, B) with the block-diagonal factor expanded: a plain LoRA adapter."""
-        a, b, nblocks = self.lora_A[name].detach(), self.lora_B[name].detach(), self.nblocks[name]
-        if self.role is Role.COLUMN:
-            return a, expand_block_diag(b, nblocks)
-        return expand_block_diag(a, nblocks), b
 
     @torch.no_grad()
     def merge(self, name: str | None = None) -> None:

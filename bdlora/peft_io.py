@@ -8,19 +8,21 @@ LoRA consumer loads it. Per-module ranks and alphas go to ``rank_pattern`` / ``a
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from bdlora.config import BDLoraConfig, BDLoraConfigError
+from bdlora.fsutil import write_file_atomic
+from bdlora.layers import dense_factors
 from bdlora.model import adapters_of, apply_bdlora
+from bdlora.parallel.sharding import gather_factors
 from bdlora.plan import ModulePlan, Plan
 from bdlora.roles import Role
 
@@ -107,17 +109,18 @@ def peft_config_dict(model: nn.Module, adapter_name: str, fmt: str) -> dict[str,
 
 
 def adapter_tensors(model: nn.Module, adapter_name: str, fmt: str) -> dict[str, torch.Tensor]:
-    """PEFT key -> tensor for every factor (packed for ``peft-bdlora``, dense for ``peft-lora``)."""
+    """PEFT key -> unsharded tensor for every factor (packed for ``peft-bdlora``, dense for ``peft-lora``).
+
+    On a TP-sharded model this gathers each factor over the TP group: every TP rank must call it.
+    """
     plan = adapters_of(model)[adapter_name].plan
     out = {}
     for m in plan.modules:
-        layer = model.get_submodule(m.name)
-        if fmt == "peft-bdlora":
-            a, b = layer.lora_A[adapter_name].detach(), layer.lora_B[adapter_name].detach()
-        else:
-            a, b = layer.dense_factors(adapter_name)
-        out[f"{PREFIX}{m.name}.lora_A.weight"] = a.contiguous().clone()
-        out[f"{PREFIX}{m.name}.lora_B.weight"] = b.contiguous().clone()
+        a, b = gather_factors(model.get_submodule(m.name), adapter_name)
+        if fmt == "peft-lora":
+            a, b = dense_factors(m.role, a, b, plan.nblocks)
+        out[f"{PREFIX}{m.name}.lora_A.weight"] = a.contiguous()
+        out[f"{PREFIX}{m.name}.lora_B.weight"] = b.contiguous()
     return out
 
 
@@ -125,30 +128,34 @@ def write_adapter_files(directory: str | Path, config: dict, tensors: dict[str, 
     """Write both files atomically: each goes to a temporary name first, then is renamed."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    for name, write in (
-        (WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"})),
-        (CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(config, indent=2, sort_keys=True))),
-    ):
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.")
-        os.close(fd)
-        try:
-            write(tmp)
-            os.replace(tmp, directory / name)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+    write_file_atomic(directory / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    text = json.dumps(config, indent=2, sort_keys=True)
+    write_file_atomic(directory / CONFIG_NAME, lambda p: Path(p).write_text(text))
     return directory
 
 
 def save_adapter(
     model: nn.Module, directory: str | Path, format: str = "peft-bdlora", adapter_name: str | None = None
 ) -> Path:
-    """Save one adapter in PEFT's format; ``peft.PeftModel.from_pretrained(base, directory)`` loads it."""
+    """Save one adapter in PEFT's format; ``peft.PeftModel.from_pretrained(base, directory)`` loads it.
+
+    A TP-sharded model is gathered first (call it on every rank); global rank 0 writes the files.
+    """
     if format not in FORMATS:
         raise ValueError(f"unknown format {format!r}; valid: {', '.join(FORMATS)}")
     adapter_name = adapter_name or _only_adapter(model)
     config = peft_config_dict(model, adapter_name, format)
-    return write_adapter_files(directory, config, adapter_tensors(model, adapter_name, format))
+    tensors = adapter_tensors(model, adapter_name, format)
+    if is_writer():
+        write_adapter_files(directory, config, tensors)
+    if dist.is_initialized():
+        dist.barrier()
+    return Path(directory)
+
+
+def is_writer() -> bool:
+    """Global rank 0 writes shared files; the others only take part in the gathers."""
+    return not dist.is_initialized() or dist.get_rank() == 0
 
 
 def _only_adapter(model: nn.Module) -> str:
@@ -196,10 +203,11 @@ def _copy_factors(
     expected = set()
     for m in plan.modules:
         layer = model.get_submodule(m.name)
-        for factor in ("lora_A", "lora_B"):
-            key = f"{PREFIX}{m.name}.{factor}.weight"
-            expected.add(key)
-            _copy_one(getattr(layer, factor)[adapter_name], tensors, key, m, directory)
+        (shape_a, shape_b), _ = layer.factor_shapes(m.rank, plan.nblocks)
+        a = _take(tensors, f"{PREFIX}{m.name}.lora_A.weight", shape_a, m, directory)
+        b = _take(tensors, f"{PREFIX}{m.name}.lora_B.weight", shape_b, m, directory)
+        expected.update((f"{PREFIX}{m.name}.lora_A.weight", f"{PREFIX}{m.name}.lora_B.weight"))
+        layer.set_factors(adapter_name, a, b)
     unused = sorted(set(tensors) - expected)
     if unused:
         raise BDLoraConfigError(
@@ -208,14 +216,13 @@ def _copy_factors(
         )
 
 
-def _copy_one(param: torch.Tensor, tensors: dict, key: str, m: ModulePlan, directory) -> None:
+def _take(tensors: dict, key: str, shape: tuple, m: ModulePlan, directory) -> torch.Tensor:
     if key not in tensors:
         raise BDLoraConfigError(f"{directory}: missing tensor {key!r} for module {m.name!r}")
     value = tensors[key]
-    if tuple(value.shape) != tuple(param.shape):
+    if tuple(value.shape) != tuple(shape):
         raise BDLoraConfigError(
             f"{directory}: tensor {key!r} has shape {tuple(value.shape)}, module {m.name!r} "
-            f"({m.role.value}, rank {m.rank}, nblocks {m.nblocks}) expects {tuple(param.shape)}"
+            f"({m.role.value}, rank {m.rank}, nblocks {m.nblocks}) expects {tuple(shape)}"
         )
-    with torch.no_grad():
-        param.copy_(value.to(param.dtype))
+    return value

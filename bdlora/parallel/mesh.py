@@ -58,7 +58,7 @@ def init_distributed() -> int:
                 MASTER_PORT=os.environ.get("MASTER_PORT", "29511"),
             )
         if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(default_backend())
     return dist.get_world_size()
 
@@ -76,3 +76,26 @@ def tp_of_mesh(mesh: DeviceMesh | None) -> TPGroup:
     if mesh is None:
         return TPGroup(None)
     return TPGroup.from_group(mesh.get_group("tp"))
+
+
+def on_all_ranks(fn, *args, **kwargs):
+    """Run a validation ``fn`` on every rank; if it fails on any, raise that message on all of them.
+
+    A misconfiguration seen by one rank (a missing file, a bad shape) then stops the whole job with
+    the message instead of leaving the other ranks blocked in their next collective.
+    """
+    error = None
+    try:
+        result = fn(*args, **kwargs)
+    except Exception as err:  # noqa: BLE001  (re-raised below, on every rank)
+        error, result = err, None
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        messages = [None] * dist.get_world_size()
+        dist.all_gather_object(messages, None if error is None else f"{type(error).__name__}: {error}")
+        failed = [(r, m) for r, m in enumerate(messages) if m is not None]
+        if failed and error is None:
+            rank, message = failed[0]
+            raise RuntimeError(f"rank {rank} failed: {message}")
+    if error is not None:
+        raise error
+    return result

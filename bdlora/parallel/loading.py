@@ -1,0 +1,137 @@
+"""Build a TP-sharded model without ever materialising the full weights on any rank.
+
+The model is built on the meta device, sharded structurally, allocated at its local size, and each
+rank reads only its own slices of the safetensors files (``safe_open(...).get_slice``).
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import ExitStack
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+
+from bdlora.config import BDLoraConfig
+from bdlora.layers import BDLoraLinear
+from bdlora.model import apply_bdlora
+from bdlora.parallel.comm import TPGroup
+from bdlora.parallel.mesh import on_all_ranks, tp_of_mesh
+from bdlora.parallel.sharding import check_model_tp, shard_model_
+from bdlora.plan import check_plan_tp, resolve_plan
+from bdlora.roles import Role
+
+
+def from_pretrained(
+    model_dir: str | Path,
+    adapter_config: BDLoraConfig | None = None,
+    mesh: DeviceMesh | None = None,
+    dtype: torch.dtype = torch.float32,
+    sharding: str = "bdlora",
+    adapter_dir: str | Path | None = None,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+) -> nn.Module:
+    """A causal LM from ``model_dir`` (safetensors), sharded over ``mesh['tp']``, with an adapter.
+
+    ``adapter_config`` adds a fresh adapter (seeded: the same factors at every TP degree);
+    ``adapter_dir`` loads a PEFT-format adapter instead. Every check runs before any weight is read.
+    """
+    tp = tp_of_mesh(mesh)
+    model = on_all_ranks(_build_meta, Path(model_dir), adapter_config, adapter_dir, tp, dtype, sharding)
+    model.to_empty(device=device)
+    on_all_ranks(_load_base, model, Path(model_dir), tp, dtype)
+    _reset_non_persistent_buffers(model, device)
+    if adapter_dir is not None:
+        from bdlora.peft_io import load_adapter
+
+        on_all_ranks(load_adapter, model, adapter_dir)
+    elif adapter_config is not None:
+        torch.manual_seed(seed)
+        apply_bdlora(model, adapter_config)
+    return model
+
+
+def _build_meta(model_dir: Path, adapter_config, adapter_dir, tp: TPGroup, dtype, sharding: str):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{model_dir}: no config.json; expected a Hugging Face model directory")
+    if not _weight_files(model_dir):
+        raise FileNotFoundError(f"{model_dir}: no *.safetensors weights")
+    config = AutoConfig.from_pretrained(model_dir)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    check_model_tp(model, tp.size, sharding)
+    if adapter_dir is not None:
+        from bdlora.peft_io import read_adapter_config
+
+        adapter_config = read_adapter_config(adapter_dir)
+    if adapter_config is not None:  # resolve now so a bad pattern fails before any read
+        check_plan_tp(resolve_plan(model, adapter_config), tp.size, sharding)
+    return shard_model_(model, tp, sharding)
+
+
+def _weight_files(model_dir: Path) -> list[Path]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [model_dir / n for n in names]
+    return sorted(model_dir.glob("*.safetensors"))
+
+
+def _shard_dim(module: nn.Module, param_name: str) -> int | None:
+    """Which dim of a checkpoint tensor this rank slices (None: it reads all of it)."""
+    if not isinstance(module, BDLoraLinear) or module.tp.size == 1:
+        return None
+    if param_name == "weight":
+        return 0 if module.role is Role.COLUMN else 1
+    return 0 if module.role is Role.COLUMN else None  # bias
+
+
+@torch.no_grad()
+def _load_base(model: nn.Module, model_dir: Path, tp: TPGroup, dtype: torch.dtype) -> None:
+    """Copy each rank's slice of every base weight from the checkpoint into the local tensors."""
+    with ExitStack() as stack:
+        handles = [stack.enter_context(safe_open(str(f), framework="pt")) for f in _weight_files(model_dir)]
+        where = {key: h for h in handles for key in h.keys()}  # noqa: SIM118  (safe_open has no iter)
+        missing = []
+        for name, tensor in model.state_dict(keep_vars=True).items():
+            if ".lora_" in name:
+                continue
+            key = name.replace(".base_layer.", ".")
+            if key not in where:
+                if not _is_tied(model, key):
+                    missing.append(key)
+                continue
+            owner_name, _, p_name = key.rpartition(".")
+            dim = _shard_dim(model.get_submodule(owner_name), p_name)
+            tensor.data.copy_(_read_slice(where[key], key, dim, tp).to(dtype))
+        if missing:
+            raise KeyError(f"{model_dir}: checkpoint lacks {len(missing)} weights, e.g. {missing[:3]}")
+    model.tie_weights()
+
+
+def _is_tied(model: nn.Module, key: str) -> bool:
+    return key == "lm_head.weight" and getattr(model.config, "tie_word_embeddings", False)
+
+
+def _read_slice(handle, key: str, dim: int | None, tp: TPGroup) -> torch.Tensor:
+    view = handle.get_slice(key)
+    if dim is None:
+        return view[:]
+    size = view.get_shape()[dim] // tp.size
+    start = tp.rank * size
+    return view[start : start + size] if dim == 0 else view[:, start : start + size]
+
+
+def _reset_non_persistent_buffers(model: nn.Module, device) -> None:
+    """Rotary tables are computed, not stored: rebuild them from the config on the real device."""
+    for module in model.modules():
+        if type(module).__name__.endswith("RotaryEmbedding"):
+            fresh = type(module)(config=model.config, device=device)
+            for name, buf in fresh.named_buffers(recurse=False):
+                getattr(module, name).copy_(buf)
