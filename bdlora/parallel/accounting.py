@@ -115,3 +115,30 @@ class CommCounter(TorchDispatchMode):
 
     def reset(self) -> None:
         self.records.clear()
+
+
+def slora_extra_bytes(plan, tokens: int, tp: int, element_size: int = 4) -> dict[str, float]:
+    """Per-step TP traffic S-LoRA adds on top of the base (``plan``: the dense-LoRA plan).
+
+    Each column layer all-gathers its ``(tokens, r)`` activation forward and reduce-scatters its
+    gradient backward; each row layer all-reduces a ``(tokens, r)`` partial forward. Per attention
+    block (q, k, v, o) the forward is ``5 (t-1) r S / t`` elements per rank (BDLORA.md).
+    Returns full-tensor ``bytes``, per-rank ring ``wire_bytes`` and the collective ``count``.
+    """
+    from bdlora.roles import Role
+
+    frac = (tp - 1) / tp
+    out = {"bytes": 0.0, "wire_bytes": 0.0, "count": 0, "forward_wire_bytes": 0.0}
+    for m in plan.modules:
+        size = tokens * m.rank * element_size
+        if m.role is Role.COLUMN:  # all-gather forward, reduce-scatter backward
+            out["bytes"] += 2 * size
+            out["wire_bytes"] += 2 * frac * size
+            out["forward_wire_bytes"] += frac * size
+            out["count"] += 2
+        else:  # all-reduce forward, identity backward
+            out["bytes"] += size
+            out["wire_bytes"] += 2 * frac * size
+            out["forward_wire_bytes"] += 2 * frac * size
+            out["count"] += 1
+    return out

@@ -64,18 +64,19 @@ class _GatherFromTP(torch.autograd.Function):
         ctx.group = group
         t = dist.get_world_size(group)
         lead, k = x.shape[:-1], x.shape[-1]
-        out = x.new_empty((t, *lead, k))  # (t, ..., k)
-        dist.all_gather_into_tensor(out, x.contiguous(), group=group)
-        return out.movedim(0, -2).reshape(*lead, t * k)  # (..., t*k)
+        x_flat = x.reshape(-1, k).contiguous()  # (T, k)
+        out = x.new_empty((t * x_flat.shape[0], k))  # (t*T, k)
+        dist.all_gather_single(out, x_flat, group=group)
+        return out.view(t, -1, k).transpose(0, 1).reshape(*lead, t * k)  # (..., t*k)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         t = dist.get_world_size(ctx.group)
         lead, k = grad.shape[:-1], grad.shape[-1] // t
-        chunks = grad.reshape(*lead, t, k).movedim(-2, 0).contiguous()  # (t, ..., k)
-        out = grad.new_empty((*lead, k))  # (..., k)
-        dist.reduce_scatter_tensor(out, chunks, group=ctx.group)
-        return out, None
+        chunks = grad.reshape(-1, t, k).transpose(0, 1).contiguous()  # (t, T, k)
+        out = grad.new_empty((chunks.shape[1], k))  # (T, k)
+        dist.reduce_scatter_single(out, chunks.view(-1, k), group=ctx.group)
+        return out.view(*lead, k), None
 
 
 def copy_to_tp(x: torch.Tensor, tp: TPGroup) -> torch.Tensor:
