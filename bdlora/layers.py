@@ -174,8 +174,7 @@ class BDLoraLinear(nn.Module):
         self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.scaling[name] = scale
         self.nblocks[name] = max(nblocks // self.tp.size, 1)  # blocks held locally
-        if self.active_adapter is None:
-            self.set_adapter(name)
+        self.set_adapter(self.active_adapter or name)  # the new adapter trains only once active
 
     @torch.no_grad()
     def set_factors(self, name: str, a_full: torch.Tensor, b_full: torch.Tensor) -> None:

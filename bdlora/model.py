@@ -65,7 +65,9 @@ def apply_bdlora(
         layer.add_adapter(adapter_name, s.rank, config.nblocks, s.scale, s.dropout)
         if init:
             _init_adapter(layer, adapter_name, mp)
-        layer.set_adapter(layer.active_adapter)
+    for _, layer in bdlora_layers(model):  # thaw the active adapters that requires_grad_(False) froze
+        if layer.active_adapter is not None:
+            layer.set_adapter(layer.active_adapter)
     adapters_of(model)[adapter_name] = AdapterRecord(config, plan)
     return model
 
@@ -141,15 +143,19 @@ def unmerge_adapter(model: nn.Module) -> None:
 
 @contextmanager
 def disable_adapters(model: nn.Module) -> Iterator[None]:
-    """Run the base model alone inside the block."""
+    """Run the base model alone inside the block; merged adapters are unmerged, then merged back."""
     layers = [layer for _, layer in bdlora_layers(model)]
+    merged = [list(layer.merged) for layer in layers]
     for layer in layers:
+        layer.unmerge()
         layer.disabled = True
     try:
         yield
     finally:
-        for layer in layers:
+        for layer, names in zip(layers, merged):
             layer.disabled = False
+            for name in names:
+                layer.merge(name)
 
 
 def adapter_parameters(model: nn.Module) -> list[torch.nn.Parameter]:

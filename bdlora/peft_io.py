@@ -21,7 +21,7 @@ from torch import nn
 from bdlora.config import BDLoraConfig, BDLoraConfigError
 from bdlora.fsutil import write_file_atomic
 from bdlora.layers import dense_factors
-from bdlora.model import adapters_of, apply_bdlora
+from bdlora.model import adapters_of, apply_bdlora, delete_adapter
 from bdlora.parallel.sharding import gather_factors
 from bdlora.plan import ModulePlan, Plan
 from bdlora.roles import Role
@@ -104,7 +104,9 @@ def peft_config_dict(model: nn.Module, adapter_name: str, fmt: str) -> dict[str,
             target_modules_bd_a=bd_a, target_modules_bd_b=bd_b, nblocks=plan.nblocks
         )
     out = LoraConfig(**kwargs).to_dict()
-    out["target_modules"] = sorted(out["target_modules"])
+    for key in ("target_modules", "exclude_modules"):  # LoraConfig holds lists as sets
+        if isinstance(out[key], set):
+            out[key] = sorted(out[key])
     return json.loads(json.dumps(out, default=lambda o: o.__dict__ if hasattr(o, "__dict__") else str(o)))
 
 
@@ -181,7 +183,11 @@ def load_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "d
     tensors = _read_tensors(Path(directory), model)
     apply_bdlora(model, config, adapter_name, init=False)
     plan = adapters_of(model)[adapter_name].plan
-    _copy_factors(model, plan, tensors, adapter_name, directory)
+    try:
+        _copy_factors(model, plan, tensors, adapter_name, directory)
+    except BDLoraConfigError:  # leave no half-loaded (uninitialised) adapter behind
+        delete_adapter(model, adapter_name)
+        raise
     return model
 
 

@@ -41,8 +41,13 @@ def one_step(mode: str) -> dict:
     gloo_events = sum(1 for e in prof.events() if e.name.startswith("gloo:"))
     plan = adapters_of(model)["default"].plan if mode != "base" else None
     expected = slora_extra_bytes(plan, BATCH * SEQ, tp.size) if mode == "slora" else None
-    return {"forward": forward, "total": total, "gloo_events": gloo_events, "expected": expected,
-            "layers": model.config.num_hidden_layers}
+    return {
+        "forward": forward,
+        "total": total,
+        "gloo_events": gloo_events,
+        "expected": expected,
+        "layers": model.config.num_hidden_layers,
+    }
 
 
 def all_modes() -> dict:

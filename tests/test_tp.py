@@ -9,7 +9,6 @@ import torch.distributed as dist
 from bdlora import BDLoraConfig, apply_bdlora, save_adapter
 from bdlora.layers import factor_shard_dims
 from bdlora.model import adapter_parameters, bdlora_layers
-from bdlora.parallel.accounting import CommCounter
 from bdlora.parallel.mesh import ParallelDims, build_mesh, tp_of_mesh
 from bdlora.parallel.sharding import allreduce_adapter_grads, gather_factors, shard_model_
 from tests.conftest import randomize_lora_b, tiny_model
@@ -17,7 +16,9 @@ from tests.distributed import run_distributed
 
 pytestmark = pytest.mark.slow
 
-CONFIG = dict(rank=8, alpha=16, nblocks=4, patterns={"q_proj": {"rank": 4, "alpha": 4}, "up_proj": {"rank": 12}})
+CONFIG = dict(
+    rank=8, alpha=16, nblocks=4, patterns={"q_proj": {"rank": 4, "alpha": 4}, "up_proj": {"rank": 12}}
+)
 STEPS = 10
 LR = 1e-2
 
@@ -126,7 +127,9 @@ def test_sharded_training_matches_single_process(reference, tmp_path, world, tp)
         torch.testing.assert_close(res["logits"], reference["logits"], atol=1e-5, rtol=1e-5)
         assert res["grads"].keys() == reference["grads"].keys()
         for name, grad in reference["grads"].items():
-            torch.testing.assert_close(res["grads"][name], grad, atol=1e-6, rtol=1e-4, msg=f"rank {rank} {name}")
+            torch.testing.assert_close(
+                res["grads"][name], grad, atol=1e-6, rtol=1e-4, msg=f"rank {rank} {name}"
+            )
         assert res["losses"] == pytest.approx(reference["losses"], rel=1e-5, abs=1e-6)
         for name, value in reference["adapter"].items():
             torch.testing.assert_close(res["adapter"][name], value, atol=1e-5, rtol=1e-4)

@@ -132,6 +132,6 @@ def _reset_non_persistent_buffers(model: nn.Module, device) -> None:
     """Rotary tables are computed, not stored: rebuild them from the config on the real device."""
     for module in model.modules():
         if type(module).__name__.endswith("RotaryEmbedding"):
-            fresh = type(module)(config=model.config, device=device)
+            fresh = type(module)(config=model.config)
             for name, buf in fresh.named_buffers(recurse=False):
-                getattr(module, name).copy_(buf)
+                getattr(module, name).copy_(buf.to(device))

@@ -198,7 +198,7 @@ def _load_file(path: Path, cfg: DataConfig) -> list[Example]:
 
 def _txt_examples(text: str) -> list[Example]:
     """Paragraphs (split on blank lines) are the examples, so one file still gives an eval split."""
-    paragraphs = (p.strip("\n") for p in re.split(r"\n[ \t]*\n", text))
+    paragraphs = (p.strip("\n") for p in re.split(r"\n(?:[ \t]*\n)+", text))
     return [("", p) for p in paragraphs if p.strip()]
 
 
