@@ -8,43 +8,23 @@ from typing import Any
 import torch
 from torch import nn
 
+# Tiny models for tests and demos. A larger initializer_range than HF's 0.02 gives the frozen
+# random lm_head logits of a useful scale, so an adapter alone can visibly fit data.
+_TINY = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    vocab_size=256,
+    max_position_embeddings=256,
+    initializer_range=0.2,
+)
+
 PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
-    "tiny-llama": (
-        "llama",
-        dict(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=4,
-            vocab_size=256,
-            max_position_embeddings=256,
-        ),
-    ),
-    "tiny-qwen2": (
-        "qwen2",
-        dict(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=256,
-            max_position_embeddings=256,
-        ),
-    ),
-    "tiny-mistral": (
-        "mistral",
-        dict(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=256,
-            max_position_embeddings=256,
-        ),
-    ),
+    "tiny-llama": ("llama", _TINY),
+    "tiny-qwen2": ("qwen2", {**_TINY, "num_key_value_heads": 2}),
+    "tiny-mistral": ("mistral", {**_TINY, "num_key_value_heads": 2}),
     "llama-3.1-8b": (
         "llama",
         dict(
