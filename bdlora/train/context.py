@@ -57,8 +57,11 @@ def build_context(tp: int, dp: int | None, run_dir: str | None, run_name: str) -
     world = dist.get_world_size()
     dims = ParallelDims(world, tp=tp, dp=dp)
     mesh = build_mesh(dims)
-    device = torch.device(device_type(), torch.cuda.current_device()) if torch.cuda.is_available() \
+    device = (
+        torch.device(device_type(), torch.cuda.current_device())
+        if torch.cuda.is_available()
         else torch.device("cpu")
+    )
     return RunContext(
         mesh=mesh,
         tp=tp_of_mesh(mesh),

