@@ -7,7 +7,6 @@ rank reads only its own slices of the safetensors files (``safe_open(...).get_sl
 from __future__ import annotations
 
 import json
-from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -94,24 +93,31 @@ def _shard_dim(module: nn.Module, param_name: str) -> int | None:
 
 @torch.no_grad()
 def _load_base(model: nn.Module, model_dir: Path, tp: TPGroup, dtype: torch.dtype) -> None:
-    """Copy each rank's slice of every base weight from the checkpoint into the local tensors."""
-    with ExitStack() as stack:
-        handles = [stack.enter_context(safe_open(str(f), framework="pt")) for f in _weight_files(model_dir)]
-        where = {key: h for h in handles for key in h.keys()}  # noqa: SIM118  (safe_open has no iter)
-        missing = []
-        for name, tensor in model.state_dict(keep_vars=True).items():
-            if ".lora_" in name:
-                continue
-            key = name.replace(".base_layer.", ".")
-            if key not in where:
-                if not _is_tied(model, key):
-                    missing.append(key)
-                continue
-            owner_name, _, p_name = key.rpartition(".")
-            dim = _shard_dim(model.get_submodule(owner_name), p_name)
-            tensor.data.copy_(_read_slice(where[key], key, dim, tp).to(dtype))
-        if missing:
-            raise KeyError(f"{model_dir}: checkpoint lacks {len(missing)} weights, e.g. {missing[:3]}")
+    """Copy each rank's slice of every base weight from the checkpoint into the local tensors.
+
+    safetensors slices are views into an mmap of the whole file, and a column slice (rowwise layers)
+    touches every page of its tensor; one handle per tensor unmaps those pages before the next read,
+    so a rank's resident memory never holds more than one checkpoint tensor beyond its own shards.
+    """
+    where: dict[str, Path] = {}
+    for path in _weight_files(model_dir):
+        with safe_open(str(path), framework="pt") as handle:
+            where.update(dict.fromkeys(handle.keys(), path))  # noqa: SIM118  (safe_open has no iter)
+    missing = []
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if ".lora_" in name:
+            continue
+        key = name.replace(".base_layer.", ".")
+        if key not in where:
+            if not _is_tied(model, key):
+                missing.append(key)
+            continue
+        owner_name, _, p_name = key.rpartition(".")
+        dim = _shard_dim(model.get_submodule(owner_name), p_name)
+        with safe_open(str(where[key]), framework="pt") as handle:
+            tensor.data.copy_(_read_slice(handle, key, dim, tp).to(dtype))
+    if missing:
+        raise KeyError(f"{model_dir}: checkpoint lacks {len(missing)} weights, e.g. {missing[:3]}")
     model.tie_weights()
 
 

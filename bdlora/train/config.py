@@ -110,7 +110,11 @@ class TrainConfig:
 
 
 def register_configs() -> None:
-    """Put the schema in Hydra's ConfigStore as ``train_schema`` (conf/config.yaml extends it)."""
+    """Put the schema in Hydra's ConfigStore as ``train_schema`` (conf/config.yaml extends it), and
+    the ``mul`` resolver, so a config can say ``rank: ${mul:${adapter.rank},2}``."""
     from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
 
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+    if not OmegaConf.has_resolver("mul"):
+        OmegaConf.register_new_resolver("mul", lambda a, b: a * b)

@@ -6,7 +6,6 @@ import importlib.util
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from bdlora.config import BDLoraConfig
@@ -31,7 +30,10 @@ def hf_config(cfg: ModelConfig, model_dir: Path | None):
 
 
 def resolve_model_dir(cfg: ModelConfig, is_main: bool) -> Path | None:
-    """The safetensors directory to load (None for presets); SmolLM2 is converted once by rank 0."""
+    """The safetensors directory to load (None for presets); SmolLM2 is converted once, by rank 0.
+
+    Run it through ``on_all_ranks`` so the other ranks wait for the conversion and see its errors.
+    """
     if cfg.source not in SOURCES:
         raise ValueError(f"model.source={cfg.source!r} is not one of {', '.join(SOURCES)}")
     if cfg.source == "preset":
@@ -45,9 +47,7 @@ def resolve_model_dir(cfg: ModelConfig, is_main: bool) -> Path | None:
         return Path(cfg.path)
     out = Path(cfg.cache_dir) / "smollm2-135m-instruct"
     if is_main and not (out / "model.safetensors").is_file():
-        convert_smollm2(out)
-    if dist.is_initialized():
-        dist.barrier()
+        convert_smollm2(out)  # the caller synchronises ranks after this returns
     return out
 
 

@@ -1,0 +1,3 @@
+from bdlora.train.main import main
+
+main()

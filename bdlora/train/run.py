@@ -1,0 +1,148 @@
+"""One training run: checks, build, the step loop with eval and checkpoints, the final export."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import yaml
+
+from bdlora.parallel.mesh import on_all_ranks
+from bdlora.peft_io import save_adapter
+from bdlora.train.checkpoint import Checkpointer
+from bdlora.train.config import CheckpointConfig, TrainConfig
+from bdlora.train.context import RunContext, build_context
+from bdlora.train.data import build_loaders
+from bdlora.train.loop import StepResult, Trainer, build_optimizer, build_scheduler
+from bdlora.train.metrics import MetricsLogger, peak_memory_mb
+from bdlora.train.modeling import build_model, hf_config, resolve_model_dir, tokenizer_for
+
+ENGINES = ("native",)
+
+
+def run(cfg: TrainConfig, overrides: list[str] | None = None) -> float:
+    """Train as ``cfg`` says on the already-initialised process group; returns the final eval loss."""
+    if cfg.parallel.engine not in ENGINES:
+        raise ValueError(f"parallel.engine={cfg.parallel.engine!r}; valid: {', '.join(ENGINES)}")
+    ctx = build_context(cfg.parallel.tp, cfg.parallel.dp, cfg.run_dir, cfg.run_name)
+    adapter = cfg.adapter.build()
+    model_dir = on_all_ranks(resolve_model_dir, cfg.model, ctx.is_main)
+    tokenizer = tokenizer_for(cfg.model, model_dir)
+    train_loader, eval_loader = on_all_ranks(
+        build_loaders, cfg.data, tokenizer, ctx.dp_rank, ctx.dp_size, hf_config(cfg.model, model_dir)
+    )
+    config_dict = asdict(cfg)
+    if ctx.is_main:
+        _write_run_config(ctx.run_dir, config_dict, overrides or [])
+    model = build_model(cfg.model, adapter, ctx, model_dir, cfg.parallel.sharding)
+    if cfg.parallel.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.optim, cfg.steps)
+    trainer = Trainer(model, optimizer, scheduler, ctx, cfg.optim)
+    checkpointer = Checkpointer(ctx, cfg.checkpoint.keep_last)
+    start = _resume(cfg.checkpoint, checkpointer, model, optimizer, scheduler, train_loader, ctx)
+    logger = MetricsLogger(cfg.logger, ctx.run_dir, cfg.steps, ctx.is_main, config_dict, start)
+    evaluate = (
+        (lambda: trainer.evaluate(lambda: iter(eval_loader), cfg.eval_batches)) if eval_loader else dict
+    )
+    first_loss = last = None
+    try:
+        for step in range(start + 1, cfg.steps + 1):
+            count = step == start + 1 or (cfg.logger.comm_every and step % cfg.logger.comm_every == 0)
+            result = trainer.train_step(train_loader, count_comm=bool(count))
+            first_loss = result.loss if first_loss is None else first_loss
+            last = {
+                **_step_metrics(result, ctx),
+                **(evaluate() if _due(step, cfg.eval_every, cfg.steps) else {}),
+            }
+            if step % cfg.logger.log_every == 0 or "eval_loss" in last:
+                logger.log(step, last)
+            logger.advance()
+            if _due(step, cfg.checkpoint.every, cfg.steps):
+                checkpointer.save(step, model, optimizer, scheduler, train_loader, config_dict)
+    finally:
+        logger.close()
+    final_eval = evaluate() if last is None or "eval_loss" not in last else last
+    adapter_dir = ctx.run_dir / "adapter"
+    save_adapter(model, adapter_dir, format=cfg.checkpoint.export_format)
+    _print_summary(ctx, first_loss, last, final_eval, checkpointer, adapter_dir)
+    return float(final_eval.get("eval_loss", math.nan))
+
+
+def _due(step: int, every: int, total: int) -> bool:
+    return step == total or (every > 0 and step % every == 0)
+
+
+def _resume(
+    cfg: CheckpointConfig, checkpointer: Checkpointer, model, optimizer, scheduler, loader, ctx: RunContext
+) -> int:
+    if cfg.resume == "never":
+        return 0
+    path = checkpointer.latest() if cfg.resume == "auto" else Path(cfg.resume)
+    if path is None:
+        ctx.print0(f"resume=auto: no complete checkpoint under {checkpointer.root}; starting at step 0")
+        return 0
+    state = on_all_ranks(checkpointer.restore, path, model, optimizer, scheduler, loader)
+    ctx.print0(f"resumed from {path} at step {state['step']} (saved at tp={state['tp']})")
+    return int(state["step"])
+
+
+def _step_metrics(result: StepResult, ctx: RunContext) -> dict:
+    out = {
+        "loss": result.loss,
+        "lr": result.lr,
+        "grad_norm": result.grad_norm,
+        "tokens_per_s": result.tokens / max(result.step_time, 1e-9),
+        "step_time": result.step_time,
+        "peak_mem_mb": peak_memory_mb(ctx.device),
+    }
+    for group in ("tp", "dp"):
+        if group in result.comm:
+            out[f"{group}_collectives"] = result.comm[group]["count"]
+            out[f"{group}_bytes"] = result.comm[group]["bytes"]
+    return out
+
+
+def _write_run_config(run_dir: Path, config: dict, overrides: list[str]) -> None:
+    hydra_dir = run_dir / ".hydra"
+    hydra_dir.mkdir(parents=True, exist_ok=True)
+    (hydra_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    (hydra_dir / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+
+
+def _print_summary(ctx: RunContext, first_loss, last, final_eval, checkpointer, adapter_dir) -> None:
+    if not ctx.is_main:
+        return
+    lines = [
+        "",
+        f"run directory   {ctx.run_dir}",
+        f"mesh            dp={ctx.dp_size} x tp={ctx.tp.size} ({ctx.world_size} ranks, {ctx.device.type})",
+    ]
+    if first_loss is not None:
+        lines.append(f"train loss      {first_loss:.4f} -> {last['loss']:.4f}")
+    if "eval_loss" in final_eval:
+        lines.append(f"eval loss       {final_eval['eval_loss']:.4f} (ppl {final_eval['eval_ppl']:.2f})")
+    lines += [
+        f"checkpoint      {checkpointer.latest()}",
+        f"adapter (PEFT)  {adapter_dir}",
+        f"metrics         {ctx.run_dir / 'metrics.jsonl'}",
+        f"config          {ctx.run_dir / '.hydra' / 'config.yaml'}",
+        f"finished        {time.strftime('%Y-%m-%d %H:%M:%S')}",
+    ]
+    print("\n".join(lines), flush=True)
+    (ctx.run_dir / "summary.json").write_text(
+        json.dumps(
+            {
+                "run_dir": str(ctx.run_dir),
+                "first_loss": first_loss,
+                "final": last,
+                "eval": final_eval,
+                "adapter": str(adapter_dir),
+            },
+            indent=2,
+        )
+    )
