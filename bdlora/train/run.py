@@ -50,6 +50,9 @@ def run(cfg: TrainConfig, overrides: list[str] | None = None) -> float:
         (lambda: trainer.evaluate(lambda: iter(eval_loader), cfg.eval_batches)) if eval_loader else dict
     )
     first_loss = last = None
+    initial_eval = evaluate() if start == 0 and cfg.eval_every > 0 else {}
+    if initial_eval:
+        logger.log(0, initial_eval)  # the base model's eval loss: what training must lower
     try:
         for step in range(start + 1, cfg.steps + 1):
             count = step == start + 1 or (cfg.logger.comm_every and step % cfg.logger.comm_every == 0)
@@ -69,7 +72,7 @@ def run(cfg: TrainConfig, overrides: list[str] | None = None) -> float:
     final_eval = evaluate() if last is None or "eval_loss" not in last else last
     adapter_dir = ctx.run_dir / "adapter"
     save_adapter(model, adapter_dir, format=cfg.checkpoint.export_format)
-    _print_summary(ctx, first_loss, last, final_eval, checkpointer, adapter_dir)
+    _print_summary(ctx, first_loss, last, initial_eval, final_eval, checkpointer, adapter_dir)
     return float(final_eval.get("eval_loss", math.nan))
 
 
@@ -114,7 +117,9 @@ def _write_run_config(run_dir: Path, config: dict, overrides: list[str]) -> None
     (hydra_dir / "overrides.yaml").write_text(yaml.safe_dump(overrides))
 
 
-def _print_summary(ctx: RunContext, first_loss, last, final_eval, checkpointer, adapter_dir) -> None:
+def _print_summary(
+    ctx: RunContext, first_loss, last, initial_eval, final_eval, checkpointer, adapter_dir
+) -> None:
     if not ctx.is_main:
         return
     lines = [
@@ -125,7 +130,10 @@ def _print_summary(ctx: RunContext, first_loss, last, final_eval, checkpointer, 
     if first_loss is not None:
         lines.append(f"train loss      {first_loss:.4f} -> {last['loss']:.4f}")
     if "eval_loss" in final_eval:
-        lines.append(f"eval loss       {final_eval['eval_loss']:.4f} (ppl {final_eval['eval_ppl']:.2f})")
+        before = f"{initial_eval['eval_loss']:.4f} -> " if initial_eval else ""
+        lines.append(
+            f"eval loss       {before}{final_eval['eval_loss']:.4f} (ppl {final_eval['eval_ppl']:.2f})"
+        )
     lines += [
         f"checkpoint      {checkpointer.latest()}",
         f"adapter (PEFT)  {adapter_dir}",
