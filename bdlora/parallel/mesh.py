@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from dataclasses import dataclass
 
 import torch
@@ -47,16 +48,20 @@ def device_type() -> str:
 
 
 def init_distributed() -> int:
-    """Start the default process group from torchrun's environment (once); returns the world size."""
+    """Start the default process group from torchrun's environment (once); returns the world size.
+
+    Without torchrun's variables this is a world of one, rendezvousing through a private file so
+    that concurrent single-process runs never compete for a port.
+    """
     if not dist.is_initialized():
-        if "RANK" not in os.environ:  # a plain `python` run is a world of one
-            os.environ.update(
-                RANK="0",
-                WORLD_SIZE="1",
-                LOCAL_RANK="0",
-                MASTER_ADDR="127.0.0.1",
-                MASTER_PORT=os.environ.get("MASTER_PORT", "29511"),
+        if "RANK" not in os.environ:
+            store = tempfile.NamedTemporaryFile(prefix="bdlora-pg-", delete=False)  # noqa: SIM115
+            store.close()
+            os.unlink(store.name)
+            dist.init_process_group(
+                default_backend(), init_method=f"file://{store.name}", rank=0, world_size=1
             )
+            return 1
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(default_backend())
