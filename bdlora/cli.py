@@ -37,7 +37,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
         raise FileNotFoundError(
             f"--model {args.model!r} is neither a model directory nor a preset ({', '.join(PRESETS)})"
         )
-    print(resolve_plan(model, config).format(tp=args.tp))
+    plan = resolve_plan(model, config)
+    if args.tp > 1:
+        from bdlora.parallel.sharding import check_model_tp  # noqa: PLC0415
+        from bdlora.plan import check_plan_tp  # noqa: PLC0415
+
+        check_model_tp(model, args.tp)
+        check_plan_tp(plan, args.tp)
+    print(plan.format(tp=args.tp))
     return 0
 
 
