@@ -40,8 +40,11 @@ demo: $(STAMP)
 demo-single: $(STAMP)
 	$(BIN)/bdlora demo
 
+# Each benchmark prints its ratios measured side by side in one run.
 bench: $(STAMP)
 	$(BIN)/python scripts/bench_tp1.py
+	$(BIN)/python scripts/bench_tp.py --tp 2
+	$(BIN)/python scripts/bench_loading.py
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache
