@@ -1,4 +1,5 @@
-"""``bdlora`` command line: ``plan`` (what would be adapted, and how) and ``demo``."""
+"""``bdlora`` command line: ``plan`` (what would be adapted, and how), ``demo``, and for a trained run
+``export`` (PEFT adapter or merged model) and ``generate`` (a greedy completion)."""
 
 from __future__ import annotations
 
@@ -55,6 +56,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0 if losses[-1] < losses[0] else 1
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from bdlora.train.export import export  # noqa: PLC0415
+
+    run = export(args.run, args.format, args.out, force=args.force)
+    print(f"exported {run.checkpoint} (step {run.step}) as {args.format} to {args.out}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from bdlora.train.export import generate  # noqa: PLC0415
+
+    text = generate(args.run, args.prompt, args.max_new_tokens, adapter=not args.no_adapter, raw=args.raw)
+    print(text, end="" if text.endswith("\n") else "\n")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bdlora", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -67,6 +84,22 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=int, default=40)
     demo.add_argument("--out", default="outputs/demo_adapter", help="where to save the adapter")
     demo.set_defaults(func=cmd_demo)
+    run_help = "a bdlora-train run dir (its newest complete checkpoint) or a checkpoint dir"
+    export = sub.add_parser("export", help="write a trained run's adapter (PEFT) or merged model (HF)")
+    export.add_argument("run", metavar="RUN_OR_CHECKPOINT", help=run_help)
+    export.add_argument(
+        "--format", default="peft-bdlora", help="peft-bdlora (default), peft-lora or merged (full HF model)"
+    )
+    export.add_argument("--out", required=True, help="output directory (must be new or empty)")
+    export.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    export.set_defaults(func=cmd_export)
+    gen = sub.add_parser("generate", help="greedy completion by a trained run's base model + adapter")
+    gen.add_argument("run", metavar="RUN_OR_CHECKPOINT", help=run_help)
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--max-new-tokens", type=int, default=32)
+    gen.add_argument("--no-adapter", action="store_true", help="the base model alone")
+    gen.add_argument("--raw", action="store_true", help="no prompt template (embedded-data runs use one)")
+    gen.set_defaults(func=cmd_generate)
     return parser
 
 

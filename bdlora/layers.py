@@ -206,6 +206,9 @@ class BDLoraLinear(nn.Module):
     def lora_delta(self, x: torch.Tensor, name: str) -> torch.Tensor:
         """``scale * B (A x)`` for adapter ``name``; x: (..., d_in) -> (..., d_out)."""
         a, b, nblocks = self.lora_A[name], self.lora_B[name], self.nblocks[name]
+        # scale the rank-sized activation h, not the d_out-sized output: a pass over (tokens, r)
+        # instead of (tokens, d_out), forward and backward
+        scale = self.scaling[name]
         x = self.lora_dropout[name](x.to(a.dtype))
         if self.sharding == "slora":
             h = F.linear(x, a)  # column: (..., r/t); row: partial (..., r)
@@ -213,14 +216,12 @@ class BDLoraLinear(nn.Module):
                 h = gather_from_tp(h, self.tp)  # (..., r)
             else:
                 h = reduce_from_tp(h, self.tp)  # (..., r)
-            out = F.linear(h, b)  # column: (..., d_out/t); row: (..., d_out)
-        elif self.role is Role.COLUMN:
-            h = F.linear(x, a)  # (..., r/t)
-            out = block_diag_matmul(h, b, nblocks)  # (..., d_out/t)
-        else:
-            h = block_diag_matmul(x, a, nblocks)  # (..., r/t)
-            out = F.linear(h, b)  # (..., d_out) partial
-        return out * self.scaling[name]
+            return F.linear(h * scale, b)  # column: (..., d_out/t); row: (..., d_out)
+        if self.role is Role.COLUMN:
+            h = F.linear(x, a) * scale  # (..., r/t)
+            return block_diag_matmul(h, b, nblocks)  # (..., d_out/t)
+        h = block_diag_matmul(x, a, nblocks) * scale  # (..., r/t)
+        return F.linear(h, b)  # (..., d_out) partial
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.linear(x, self.base_layer.weight)  # column: (..., d_out/t); row: partial (..., d_out)

@@ -122,6 +122,9 @@ class Checkpointer:
         restore_adapter_(model, path, self.adapter)
         self._restore_moments(path, state, model, optimizer)
         scheduler.load_state_dict(state["scheduler"])
+        # the scheduler's state holds the lr it last set, but the rebuilt optimizer still has step 0's
+        for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
+            group["lr"] = lr
         loader.load_state_dict(state["loader"])
         rng = path / f"rng-rank{self.ctx.rank:05d}.pt"
         if state["world_size"] == self.ctx.world_size and rng.is_file():

@@ -111,10 +111,16 @@ class TrainConfig:
 
 def register_configs() -> None:
     """Put the schema in Hydra's ConfigStore as ``train_schema`` (conf/config.yaml extends it), and
-    the ``mul`` resolver, so a config can say ``rank: ${mul:${adapter.rank},2}``."""
-    from hydra.core.config_store import ConfigStore
-    from omegaconf import OmegaConf
+    the ``mul`` resolver, so a config can say ``rank: ${mul:${adapter.rank},2}``.
 
-    ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+    ``data.source`` is mandatory (``???``) in the schema: merging a file's ``source: ???`` onto a set
+    default keeps the default, so ``data=jsonl`` without a path would train on the embedded data.
+    """
+    from hydra.core.config_store import ConfigStore
+    from omegaconf import MISSING, OmegaConf
+
+    schema = OmegaConf.structured(TrainConfig)
+    schema.data.source = MISSING
+    ConfigStore.instance().store(name="train_schema", node=schema)
     if not OmegaConf.has_resolver("mul"):
         OmegaConf.register_new_resolver("mul", lambda a, b: a * b)

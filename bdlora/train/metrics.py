@@ -37,7 +37,9 @@ class MetricsLogger:
         if not enabled:
             return
         if cfg.jsonl:
-            self._file = open(run_dir / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115
+            path = run_dir / "metrics.jsonl"
+            _drop_records_after(path, start_step)
+            self._file = open(path, "a", buffering=1)  # noqa: SIM115
         if cfg.progress:
             from tqdm import tqdm
 
@@ -73,6 +75,14 @@ class MetricsLogger:
                 handle.close()
         if self._wandb:
             self._wandb.finish()
+
+
+def _drop_records_after(path: Path, step: int) -> None:
+    """A resumed run repeats the steps after its checkpoint: keep one record per step."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    path.write_text("".join(f"{line}\n" for line in kept))
 
 
 def _start_wandb(cfg: LoggerConfig, run_dir: Path, run_config: dict[str, Any]):

@@ -1,0 +1,340 @@
+"""A trained run as something others load: a PEFT adapter, a merged model, or a greedy completion.
+
+Everything runs in one process at TP 1, on CPU, from a complete training checkpoint (``COMPLETE``
+present) written at any TP degree: its ``trainer_state.json`` says how the base model was built
+(``config.model``), and its adapter shards are concatenated back to full factors.
+
+===============  =================================================================================
+``peft-bdlora``  ``bdlora.save_adapter``: PEFT's ``LoraConfig(use_bdlora=...)``, packed factors
+``peft-lora``    the same adapter with the block-diagonal factor expanded: plain LoRA
+``merged``       a Hugging Face model directory, ``W + scale * B A`` folded into each adapted weight;
+                 ``AutoModelForCausalLM.from_pretrained(out)`` needs neither bdlora nor PEFT
+===============  =================================================================================
+
+Every output is written into a hidden ``.<out>.partial-*`` directory beside ``out`` and renamed into
+place when complete, so an interrupted export never leaves a half-written directory under ``out``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from bdlora.config import BDLoraConfig, BDLoraConfigError
+from bdlora.data import format_pair
+from bdlora.layers import dense_factors, factor_shard_dims, global_factor_shapes
+from bdlora.model import bdlora_layers, merge_adapter
+from bdlora.parallel.checkpoint import load_sharded_adapter, open_shards, read_shard_meta, unshard
+from bdlora.parallel.comm import TPGroup
+from bdlora.parallel.loading import _weight_files, from_pretrained
+from bdlora.parallel.sharding import shard_model_
+from bdlora.peft_io import save_adapter
+from bdlora.plan import Plan, resolve_plan
+from bdlora.presets import build_model as build_preset
+from bdlora.train.checkpoint import COMPLETE, STATE, complete_checkpoints
+from bdlora.train.config import ModelConfig
+from bdlora.train.data import Tokenizer, build_tokenizer
+from bdlora.train.modeling import resolve_model_dir, tokenizer_for
+
+FORMATS = ("peft-bdlora", "peft-lora", "merged")
+# weights in formats other than safetensors: never copied into a merged export, where they would
+# sit beside the merged safetensors still holding the unmerged base
+UNMERGED_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx")
+
+
+class ExportError(BDLoraConfigError):
+    """A run, checkpoint or output directory that cannot be used; the CLI reports it and exits 2."""
+
+
+@dataclass(frozen=True)
+class TrainedRun:
+    """A complete checkpoint, the model config it was trained on, and its step."""
+
+    checkpoint: Path
+    model: ModelConfig
+    data_source: str
+    step: int
+
+
+# --- finding the checkpoint ----------------------------------------------------------------------
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """``path`` itself if it is a complete checkpoint, else the newest complete one of a run dir."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such run or checkpoint directory")
+    if (path / COMPLETE).is_file():
+        return path
+    if (path / STATE).is_file() or path.name.startswith((".step_", "step_")):
+        raise ExportError(
+            f"{path} is an incomplete checkpoint (no {COMPLETE} marker: the run stopped while saving "
+            "it); pass the run directory to take its newest complete checkpoint"
+        )
+    root = path if path.name == "checkpoints" else path / "checkpoints"
+    if not root.is_dir():
+        raise ExportError(
+            f"{path} is neither a run directory (with checkpoints/) nor a checkpoint (with {COMPLETE})"
+        )
+    found = complete_checkpoints(root)
+    if not found:
+        raise ExportError(
+            f"{root} holds no complete checkpoint; the run saves one every checkpoint.every steps "
+            "and at its end, so it stopped before the first"
+        )
+    return found[-1]
+
+
+def open_run(path: str | Path) -> TrainedRun:
+    checkpoint = find_checkpoint(path)
+    state = json.loads((checkpoint / STATE).read_text())
+    config = state.get("config") or {}
+    if "model" not in config:
+        raise ExportError(f"{checkpoint / STATE} has no config.model: not written by bdlora-train")
+    known = {f.name for f in fields(ModelConfig)}
+    model = ModelConfig(**{k: v for k, v in config["model"].items() if k in known})
+    source = config.get("data", {}).get("source", "")
+    return TrainedRun(checkpoint, model, source, int(state.get("step", 0)))
+
+
+# --- building the model --------------------------------------------------------------------------
+
+
+def load_model(run: TrainedRun, model_dir: Path | None, adapter: bool = True) -> nn.Module:
+    """The base model at TP 1 as the trainer built it, with the checkpoint's adapter unless told not."""
+    sharding = read_shard_meta(run.checkpoint)["sharding"]
+    dtype = getattr(torch, run.model.dtype)
+    if model_dir is None:
+        model = build_preset(run.model.name, seed=run.model.seed).to(dtype)
+        shard_model_(model, TPGroup(None), sharding)  # TP 1: only marks the layers' sharding mode
+    else:
+        model = from_pretrained(model_dir, dtype=dtype, sharding=sharding)
+        model.config.name_or_path = str(model_dir)  # PEFT's base_model_name_or_path
+    if adapter:
+        load_sharded_adapter(model, run.checkpoint)
+    return model.eval()
+
+
+def _unwrap_(model: nn.Module) -> nn.Module:
+    """Put each ``BDLoraLinear``'s base layer back in its place: plain transformers module names."""
+    for name, layer in list(bdlora_layers(model)):
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, layer.base_layer)
+    return model
+
+
+def _save_tokenizer_override(cfg: ModelConfig, out: Path) -> None:
+    """A run trained with ``model.tokenizer`` set keeps that tokenizer beside its merged weights."""
+    if cfg.tokenizer not in (None, "bytes"):
+        build_tokenizer(cfg.tokenizer).tokenizer.save_pretrained(out)
+
+
+# --- streaming merge -----------------------------------------------------------------------------
+
+
+def _safetensors_header(path: Path) -> tuple[dict, int]:
+    """The JSON header of a safetensors file and the offset of its data section."""
+    with open(path, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))  # little-endian u64 header length
+        return json.loads(f.read(size)), 8 + size
+
+
+def adapter_plan(model_dir: Path, checkpoint: Path) -> tuple[Plan, str]:
+    """The checkpoint's adapter plan on ``model_dir``'s architecture (built on meta: no weights)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    meta = read_shard_meta(checkpoint)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+    return resolve_plan(skeleton, BDLoraConfig.from_dict(meta["config"])), meta["sharding"]
+
+
+def _full_factors(checkpoint: Path, plan: Plan, sharding: str) -> dict[str, tuple[torch.Tensor, ...]]:
+    """Module name -> unsharded (A, B) as stored (block-diagonal factor packed), shape-checked."""
+    tp = read_shard_meta(checkpoint)["tp"]
+    out = {}
+    with open_shards(checkpoint, "adapter", tp) as shards:
+        for m in plan.modules:
+            dim_a, dim_b = factor_shard_dims(m.role, sharding)
+            a = unshard(shards, f"{m.name}.lora_A", dim_a)
+            b = unshard(shards, f"{m.name}.lora_B", dim_b)
+            want = global_factor_shapes(m.role, m.d_in, m.d_out, m.rank, plan.nblocks, sharding)
+            if (tuple(a.shape), tuple(b.shape)) != want:
+                raise ExportError(
+                    f"{checkpoint}: adapter of {m.name!r} has (A, B) shapes {tuple(a.shape)}, "
+                    f"{tuple(b.shape)}; the model expects {want}: a different base model?"
+                )
+            out[m.name] = (a, b)
+    return out
+
+
+@torch.no_grad()
+def merge_streaming(model_dir: str | Path, checkpoint: str | Path, out: str | Path) -> None:
+    """Write ``model_dir`` with the checkpoint's adapter merged into ``out`` (an existing directory).
+
+    Each safetensors file is copied under its own name, then each adapted weight in it is read alone,
+    merged in fp32 (``W + scale * B_dense A_dense``), cast back to its dtype and written over its
+    own bytes: dtypes, shapes, key order and the index are unchanged, and memory holds the adapter
+    plus one base tensor. Every other file (config, tokenizer, generation config) is copied.
+    """
+    model_dir, checkpoint, out = Path(model_dir), Path(checkpoint), Path(out)
+    plan, sharding = adapter_plan(model_dir, checkpoint)
+    factors = _full_factors(checkpoint, plan, sharding)
+    weight_files = _weight_files(model_dir)
+    for path in model_dir.iterdir():
+        if path.is_file() and not path.name.startswith(".") and path not in weight_files:
+            if path.suffix not in UNMERGED_WEIGHT_SUFFIXES:
+                shutil.copy2(path, out / path.name)
+    pending = {f"{m.name}.weight": m for m in plan.modules}
+    for src in weight_files:
+        shutil.copy2(src, out / src.name)
+        header, data_start = _safetensors_header(src)
+        with open(out / src.name, "r+b") as dst:
+            for key in [k for k in header if k in pending]:
+                m = pending.pop(key)
+                a, b = dense_factors(m.role, *(t.float() for t in factors[m.name]), plan.nblocks)
+                data = _read_tensor(src, key).float().addmm_(b, a, alpha=m.settings.scale)  # (d_out, d_in)
+                _write_tensor(dst, data_start, header[key], data, where=f"{src}: {key!r}")
+    if pending:
+        raise ExportError(
+            f"{model_dir}: no weight for adapted module(s) {sorted(pending)[:3]} in its safetensors "
+            "files (a tied or renamed weight?); the adapter cannot be merged into this checkpoint"
+        )
+
+
+def _read_tensor(path: Path, key: str) -> torch.Tensor:
+    # a handle per tensor: safetensors reads through an mmap of the whole file, whose touched pages
+    # count as resident until it is closed
+    with safe_open(str(path), framework="pt") as handle:
+        return handle.get_tensor(key)
+
+
+def _write_tensor(dst, data_start: int, entry: dict, value: torch.Tensor, where: str) -> None:
+    """Overwrite a tensor's bytes in place, cast to the dtype it has in the file."""
+    dtype = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}.get(entry["dtype"])
+    if dtype is None:
+        raise ExportError(f"{where} is stored as {entry['dtype']}; merging supports F32, F16 and BF16")
+    data = value.to(dtype).contiguous().view(-1).view(torch.uint8).numpy()
+    start, end = entry["data_offsets"]
+    if data.nbytes != end - start:
+        raise ExportError(f"{where} takes {end - start} bytes in the file; the merged tensor {data.nbytes}")
+    dst.seek(data_start + start)
+    dst.write(data)
+
+
+# --- export --------------------------------------------------------------------------------------
+
+
+def _check_out(out: Path, force: bool, protected: list[Path]) -> None:
+    for path in protected:
+        if out.resolve() == path.resolve() or out.resolve() in path.resolve().parents:
+            raise ExportError(f"--out {out} would replace {path}, which the export reads; pick another")
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"--out {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise ExportError(f"--out {out} exists and is not empty; pick a new path or pass --force")
+
+
+@contextmanager
+def staged_dir(out: Path) -> Iterator[Path]:
+    """A temporary directory beside ``out``, renamed to ``out`` (replacing it) if the block succeeds."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
+    try:
+        yield tmp
+        _usual_modes(tmp)
+        if out.exists():  # replaced only now, so a failed export keeps what was there
+            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
+            out.rename(old / out.name)
+            tmp.rename(out)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _usual_modes(directory: Path) -> None:
+    """mkdtemp and the atomic file writes create private (0700 / 0600) entries; an export is meant
+    to be shared, so give it the modes a plain mkdir / open would (the umask's)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    directory.chmod(0o777 & ~umask)
+    for path in directory.iterdir():
+        if path.is_file():
+            path.chmod(0o666 & ~umask)
+
+
+def export(path: str | Path, format: str, out: str | Path, force: bool = False) -> TrainedRun:
+    """Export the run or checkpoint at ``path`` to ``out`` as ``format`` (see the module table).
+
+    ``merged`` from a model directory (``model.source`` ``path`` or ``smollm2``) streams the merge
+    tensor by tensor (:func:`merge_streaming`), so the full model is never in memory; a preset has
+    no weights on disk, so it is built (tiny), merged in memory and written with ``save_pretrained``.
+    """
+    if format not in FORMATS:
+        raise ExportError(f"unknown format {format!r}; valid: {', '.join(FORMATS)}")
+    run, out = open_run(path), Path(out)
+    model_dir = resolve_model_dir(run.model, is_main=True)
+    _check_out(out, force, [run.checkpoint, *([model_dir] if model_dir else [])])
+    with staged_dir(out) as tmp:
+        if format == "merged" and model_dir is not None:
+            merge_streaming(model_dir, run.checkpoint, tmp)
+        elif format == "merged":
+            model = load_model(run, model_dir)
+            merge_adapter(model)
+            _unwrap_(model).save_pretrained(tmp)
+        else:
+            save_adapter(load_model(run, model_dir), tmp, format=format)
+        if format == "merged":
+            _save_tokenizer_override(run.model, tmp)
+    return run
+
+
+# --- generation ----------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def greedy_decode(model: nn.Module, ids: list[int], max_new_tokens: int, eos_token_id: int) -> list[int]:
+    """Up to ``max_new_tokens`` argmax tokens after ``ids``, stopping before eos; KV-cached."""
+    step_ids = torch.tensor([ids])  # (1, T)
+    past, out = None, []
+    for _ in range(max_new_tokens):
+        result = model(input_ids=step_ids, past_key_values=past, use_cache=True)
+        past = result.past_key_values
+        next_id = int(result.logits[0, -1].argmax())
+        if next_id == eos_token_id:
+            break
+        out.append(next_id)
+        step_ids = torch.tensor([[next_id]])  # (1, 1)
+    return out
+
+
+def prompt_text(run: TrainedRun, prompt: str, raw: bool = False) -> str:
+    """The prompt as the run trained on it: the embedded dataset's template unless ``raw``."""
+    return prompt if raw or run.data_source != "embedded" else format_pair(prompt, "")[0]
+
+
+def generate(
+    path: str | Path, prompt: str, max_new_tokens: int = 32, adapter: bool = True, raw: bool = False
+) -> str:
+    """The greedy completion of ``prompt`` by the base model plus (unless ``adapter=False``) the adapter."""
+    run = open_run(path)
+    model_dir = resolve_model_dir(run.model, is_main=True)
+    tokenizer: Tokenizer = tokenizer_for(run.model, model_dir)
+    ids = tokenizer.encode(prompt_text(run, prompt, raw))
+    if not ids:
+        raise ExportError("the prompt is empty after tokenisation; give some text")
+    model = load_model(run, model_dir, adapter=adapter)
+    return tokenizer.decode(greedy_decode(model, ids, max_new_tokens, tokenizer.eos_token_id))
