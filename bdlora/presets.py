@@ -61,6 +61,23 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
+def llama_config(
+    hidden: int, intermediate: int, layers: int, heads: int, vocab: int, max_positions: int = 2048
+):
+    """A Llama config of the given sizes (full attention: as many KV heads as heads), for benchmarks."""
+    from transformers import LlamaConfig  # noqa: PLC0415
+
+    return LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        vocab_size=vocab,
+        max_position_embeddings=max_positions,
+    )
+
+
 def preset_config(name: str):
     """The transformers config of a preset."""
     from transformers import AutoConfig  # noqa: PLC0415

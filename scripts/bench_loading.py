@@ -37,13 +37,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaForCausalLM
 from transformers.utils.logging import disable_progress_bar
 
 from bdlora import BDLoraConfig
 from bdlora.parallel.loading import from_pretrained
 from bdlora.parallel.mesh import ParallelDims, build_mesh, init_distributed
 from bdlora.parallel.sharding import tp_linears
+from bdlora.presets import llama_config
 
 MB = 1e6
 STATUS_KEYS = ("VmRSS", "VmHWM", "RssAnon", "RssFile")
@@ -91,14 +92,7 @@ def parse_args(argv: list[str] | None = None) -> BenchArgs:
 
 # -- launcher ------------------------------------------------------------------------------------
 def save_model(args: BenchArgs, model_dir: Path) -> None:
-    config = LlamaConfig(
-        hidden_size=args.hidden,
-        intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        num_key_value_heads=args.heads,
-        vocab_size=args.vocab,
-    )
+    config = llama_config(args.hidden, args.intermediate, args.layers, args.heads, args.vocab)
     torch.manual_seed(args.seed)
     disable_progress_bar()
     LlamaForCausalLM(config).save_pretrained(model_dir)  # safetensors

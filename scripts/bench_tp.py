@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from bdlora import BDLoraConfig, apply_bdlora
 from bdlora.model import adapters_of, bdlora_layers
@@ -42,6 +42,7 @@ from bdlora.parallel.accounting import CommCounter, slora_extra_bytes
 from bdlora.parallel.comm import TPGroup
 from bdlora.parallel.mesh import ParallelDims, build_mesh, init_distributed, tp_of_mesh
 from bdlora.parallel.sharding import shard_model_
+from bdlora.presets import llama_config
 
 MODES = ("base", "bdlora", "slora")
 LABELS = {"base": "base", "bdlora": "BD-LoRA", "slora": "S-LoRA"}
@@ -127,14 +128,8 @@ def print0(*args, **kwargs) -> None:
 
 def build_model(args: BenchArgs, mode: str, tp: TPGroup) -> nn.Module:
     """A seeded Llama (equal base weights in every mode), sharded over ``tp``, with ``mode``'s adapter."""
-    config = LlamaConfig(
-        hidden_size=args.hidden,
-        intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        num_key_value_heads=args.heads,
-        vocab_size=args.vocab,
-        max_position_embeddings=max(args.seq, 128),
+    config = llama_config(
+        args.hidden, args.intermediate, args.layers, args.heads, args.vocab, max(args.seq, 128)
     )
     torch.manual_seed(args.seed)
     model = LlamaForCausalLM(config).train()

@@ -30,11 +30,12 @@ import peft
 import torch
 from peft import BdLoraConfig, LoraConfig, get_peft_model, set_peft_model_state_dict
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 import bdlora
 from bdlora.model import bdlora_layers
 from bdlora.peft_io import adapter_tensors
+from bdlora.presets import llama_config
 
 ROW_TARGETS = ["o_proj", "down_proj"]
 COLUMN_TARGETS = ["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"]
@@ -77,14 +78,8 @@ def parse_args(argv: list[str] | None = None) -> BenchArgs:
 
 
 def build_base(args: BenchArgs, device: torch.device) -> nn.Module:
-    config = LlamaConfig(
-        hidden_size=args.hidden,
-        intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        num_key_value_heads=args.heads,
-        vocab_size=args.vocab,
-        max_position_embeddings=max(args.seq, 128),
+    config = llama_config(
+        args.hidden, args.intermediate, args.layers, args.heads, args.vocab, max(args.seq, 128)
     )
     torch.manual_seed(args.seed)
     return LlamaForCausalLM(config).to(device=device, dtype=torch.float32).train()
