@@ -392,3 +392,35 @@ def test_bad_input_stops_before_training_with_a_message(nproc, overrides, messag
     for message in messages:
         assert message in output_of(result), f"{message!r} not in:\n{output_of(result)}"
     assert not (run_dir / "metrics.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_wandb_logger_runs_offline_and_writes_no_key(tmp_path):
+    run_dir = tmp_path / "run"
+    env_key = "WANDB_API_KEY"
+    result = subprocess.run(
+        train_command(
+            1,
+            "logger=wandb",
+            "steps=3",
+            "eval_every=0",
+            "data.num_examples=200",
+            "data.seq_len=32",
+            f"run_dir={run_dir}",
+        ),
+        check=False,
+        cwd=tmp_path,
+        env={**train_env(), env_key: "secret-key-that-must-not-be-written"},
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT,
+    )
+    assert result.returncode == 0, output_of(result)
+    offline = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(offline) == 1, sorted(p.name for p in (run_dir / "wandb").iterdir())
+    written = [
+        p for p in run_dir.rglob("*") if p.is_file() and p.suffix in (".yaml", ".json", ".jsonl", ".log")
+    ]
+    assert written
+    for path in written:
+        assert "secret-key-that-must-not-be-written" not in path.read_text(errors="replace"), path
