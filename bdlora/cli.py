@@ -10,6 +10,7 @@ from pathlib import Path
 from bdlora.config import BDLoraConfig, BDLoraConfigError
 from bdlora.plan import resolve_plan
 from bdlora.presets import PRESETS, build_model
+from bdlora.train.export import ExportError
 
 
 def _load_config(source: str | None) -> BDLoraConfig:
@@ -107,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (BDLoraConfigError, FileNotFoundError, KeyError) as err:
+    except (BDLoraConfigError, FileNotFoundError, KeyError, ExportError) as err:
         print(f"bdlora {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -59,7 +59,7 @@ def _build_meta(model_dir: Path, adapter_config, adapter_dir, tp: TPGroup, dtype
 
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"{model_dir}: no config.json; expected a Hugging Face model directory")
-    if not _weight_files(model_dir):
+    if not weight_files(model_dir):
         raise FileNotFoundError(f"{model_dir}: no *.safetensors weights")
     config = AutoConfig.from_pretrained(model_dir)
     with torch.device("meta"):
@@ -74,7 +74,7 @@ def _build_meta(model_dir: Path, adapter_config, adapter_dir, tp: TPGroup, dtype
     return shard_model_(model, tp, sharding)
 
 
-def _weight_files(model_dir: Path) -> list[Path]:
+def weight_files(model_dir: Path) -> list[Path]:
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
         names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -100,7 +100,7 @@ def _load_base(model: nn.Module, model_dir: Path, tp: TPGroup, dtype: torch.dtyp
     so a rank's resident memory never holds more than one checkpoint tensor beyond its own shards.
     """
     where: dict[str, Path] = {}
-    for path in _weight_files(model_dir):
+    for path in weight_files(model_dir):
         with safe_open(str(path), framework="pt") as handle:
             where.update(dict.fromkeys(handle.keys(), path))  # noqa: SIM118  (safe_open has no iter)
     missing = []

@@ -31,13 +31,13 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from bdlora.config import BDLoraConfig, BDLoraConfigError
+from bdlora.config import BDLoraConfig
 from bdlora.data import format_pair
 from bdlora.layers import dense_factors, factor_shard_dims, global_factor_shapes
 from bdlora.model import bdlora_layers, merge_adapter
 from bdlora.parallel.checkpoint import load_sharded_adapter, open_shards, read_shard_meta, unshard
 from bdlora.parallel.comm import TPGroup
-from bdlora.parallel.loading import _weight_files, from_pretrained
+from bdlora.parallel.loading import from_pretrained, weight_files
 from bdlora.parallel.sharding import shard_model_
 from bdlora.peft_io import save_adapter
 from bdlora.plan import Plan, resolve_plan
@@ -53,7 +53,7 @@ FORMATS = ("peft-bdlora", "peft-lora", "merged")
 UNMERGED_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx")
 
 
-class ExportError(BDLoraConfigError):
+class ExportError(ValueError):
     """A run, checkpoint or output directory that cannot be used; the CLI reports it and exits 2."""
 
 
@@ -191,13 +191,13 @@ def merge_streaming(model_dir: str | Path, checkpoint: str | Path, out: str | Pa
     model_dir, checkpoint, out = Path(model_dir), Path(checkpoint), Path(out)
     plan, sharding = adapter_plan(model_dir, checkpoint)
     factors = _full_factors(checkpoint, plan, sharding)
-    weight_files = _weight_files(model_dir)
+    sources = weight_files(model_dir)
     for path in model_dir.iterdir():
-        if path.is_file() and not path.name.startswith(".") and path not in weight_files:
+        if path.is_file() and not path.name.startswith(".") and path not in sources:
             if path.suffix not in UNMERGED_WEIGHT_SUFFIXES:
                 shutil.copy2(path, out / path.name)
     pending = {f"{m.name}.weight": m for m in plan.modules}
-    for src in weight_files:
+    for src in sources:
         shutil.copy2(src, out / src.name)
         header, data_start = _safetensors_header(src)
         with open(out / src.name, "r+b") as dst:
