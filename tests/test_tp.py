@@ -9,6 +9,7 @@ import torch.distributed as dist
 from bdlora import BDLoraConfig, apply_bdlora, save_adapter
 from bdlora.layers import factor_shard_dims
 from bdlora.model import adapter_parameters, bdlora_layers
+from bdlora.parallel.comm import TPGroup
 from bdlora.parallel.mesh import ParallelDims, build_mesh, tp_of_mesh
 from bdlora.parallel.sharding import allreduce_adapter_grads, gather_factors, shard_model_
 from tests.conftest import randomize_lora_b, tiny_model
@@ -137,3 +138,37 @@ def test_sharded_training_matches_single_process(reference, tmp_path, world, tp)
     with torch.no_grad():
         peft_logits = peft_model(input_ids=batch()[0]).logits
     torch.testing.assert_close(peft_logits, results[0]["final_logits"], atol=1e-5, rtol=1e-5)
+
+
+def reference_variant(variant: str):
+    """tiny-qwen2 (q/k/v biases, 2 KV heads) with BD-LoRA, or tiny-llama with dense LoRA for S-LoRA."""
+    name, nblocks = ("tiny-qwen2", 2) if variant == "qwen2" else ("tiny-llama", 1)
+    model = tiny_model(name).train()
+    torch.manual_seed(0)
+    apply_bdlora(model, BDLoraConfig(rank=8, alpha=16, nblocks=nblocks))
+    randomize_lora_b(model)
+    return model
+
+
+def variant_run(variant: str) -> dict:
+    model = reference_variant(variant)
+    shard_model_(model, TPGroup.from_group(dist.group.WORLD), "slora" if variant == "slora" else "bdlora")
+    ids, labels = batch()
+    out = model(input_ids=ids, labels=labels)
+    out.loss.backward()
+    return {"logits": out.logits.detach(), "grads": gathered_grads(model)}
+
+
+@pytest.mark.parametrize("variant", ["qwen2", "slora"])
+def test_tp2_variant_matches_single_process(variant):
+    """Column biases shard with their rows; S-LoRA's dense sharding computes plain LoRA exactly."""
+    model = reference_variant(variant)
+    ids, labels = batch()
+    out = model(input_ids=ids, labels=labels)
+    out.loss.backward()
+    for res in run_distributed(variant_run, 2, variant):
+        torch.testing.assert_close(res["logits"], out.logits.detach(), atol=1e-5, rtol=1e-5)
+        expected = adapter_grads(model)
+        assert res["grads"].keys() == expected.keys()
+        for name, grad in expected.items():
+            torch.testing.assert_close(res["grads"][name], grad, atol=1e-6, rtol=1e-4, msg=name)

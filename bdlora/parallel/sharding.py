@@ -123,7 +123,8 @@ def _shard_linear(model: nn.Module, name: str, role: Role, tp: TPGroup, sharding
             store[adapter] = nn.Parameter(
                 take_shard(full.data, dim, tp).clone(), requires_grad=full.requires_grad
             )
-        module.nblocks[adapter] //= tp.size
+        if sharding == "bdlora":  # S-LoRA's dense factors have no blocks to split
+            module.nblocks[adapter] //= tp.size
 
 
 def _copy_hook(tp: TPGroup):
