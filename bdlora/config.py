@@ -12,7 +12,6 @@ from __future__ import annotations
 import difflib
 import itertools
 import json
-import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -285,11 +284,3 @@ def _combine_independent(
                     merged.update(overrides)
                 out.setdefault(key, merged)
     return out
-
-
-def divisible(value: int, by: int) -> bool:
-    return by > 0 and value % by == 0
-
-
-def lcm(*values: int) -> int:
-    return math.lcm(*values)

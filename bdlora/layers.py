@@ -96,9 +96,7 @@ def shard_shape(shape: tuple[int, int], dim: int | None, size: int) -> tuple[int
 
 
 @torch.no_grad()
-def init_factors(
-    a: torch.Tensor, b: torch.Tensor, init: str, base_std: float, d_in: int, generator=None
-) -> None:
+def init_factors(a: torch.Tensor, b: torch.Tensor, init: str, base_std: float, d_in: int) -> None:
     """Initialise A and B in place; every strategy leaves ``B = 0`` so the step-0 output is the base's.
 
     - ``lora``: PEFT's default, A kaiming-uniform (a = sqrt(5)) over its own fan-in.
@@ -111,11 +109,11 @@ def init_factors(
     b.zero_()
     if init == "lora":
         bound = 1.0 / math.sqrt(a.shape[1])  # kaiming_uniform(a=sqrt(5)) on fan_in
-        a.uniform_(-bound, bound, generator=generator)
+        a.uniform_(-bound, bound)
     elif init == "gaussian":
-        a.normal_(0.0, 1.0 / a.shape[0], generator=generator)
+        a.normal_(0.0, 1.0 / a.shape[0])
     elif init == "base_stats":
-        a.normal_(0.0, base_std * math.sqrt(d_in / a.shape[1]), generator=generator)
+        a.normal_(0.0, base_std * math.sqrt(d_in / a.shape[1]))
     else:
         raise ValueError(f"unknown init {init!r}; valid: lora, gaussian, base_stats")
 

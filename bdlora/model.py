@@ -59,17 +59,33 @@ def apply_bdlora(
     for mp in plan.modules:
         _check_role(model.get_submodule(mp.name), mp)
     model.requires_grad_(False)
-    for mp in plan.modules:
-        layer = _wrap(model, mp)
-        s = mp.settings
-        layer.add_adapter(adapter_name, s.rank, config.nblocks, s.scale, s.dropout)
-        if init:
-            _init_adapter(layer, adapter_name, mp)
-    for _, layer in bdlora_layers(model):  # thaw the active adapters that requires_grad_(False) froze
-        if layer.active_adapter is not None:
-            layer.set_adapter(layer.active_adapter)
+    try:
+        for mp in plan.modules:
+            layer = _wrap(model, mp)
+            s = mp.settings
+            layer.add_adapter(adapter_name, s.rank, config.nblocks, s.scale, s.dropout)
+            if init:
+                _init_adapter(layer, adapter_name, mp)
+    except BaseException:
+        _remove_from_layers(model, adapter_name)
+        raise
+    finally:
+        _thaw_active(model)
     adapters_of(model)[adapter_name] = AdapterRecord(config, plan)
     return model
+
+
+def _thaw_active(model: nn.Module) -> None:
+    """Re-enable the active adapters that ``model.requires_grad_(False)`` froze."""
+    for _, layer in bdlora_layers(model):
+        if layer.active_adapter is not None:
+            layer.set_adapter(layer.active_adapter)
+
+
+def _remove_from_layers(model: nn.Module, adapter_name: str) -> None:
+    for _, layer in bdlora_layers(model):
+        if adapter_name in layer.lora_A:
+            layer.delete_adapter(adapter_name)
 
 
 def _init_adapter(layer: BDLoraLinear, adapter_name: str, mp: ModulePlan) -> None:
@@ -86,7 +102,7 @@ def _init_adapter(layer: BDLoraLinear, adapter_name: str, mp: ModulePlan) -> Non
 def global_std(w_local: torch.Tensor, tp: TPGroup) -> float:
     """Standard deviation of the unsharded weight from its shards (one all-reduce at TP > 1)."""
     w = w_local.detach().double()
-    stats = torch.stack([w.sum(), (w * w).sum(), torch.tensor(float(w.numel()), dtype=w.dtype)])
+    stats = torch.stack([w.sum(), (w * w).sum(), w.new_tensor(float(w.numel()))])
     if tp.size > 1:
         dist.all_reduce(stats, group=tp.group)
     total, sq, n = stats.tolist()
@@ -124,16 +140,17 @@ def set_adapter(model: nn.Module, adapter_name: str) -> None:
 def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     if adapter_name not in adapters_of(model):
         raise KeyError(f"no adapter {adapter_name!r}; have: {', '.join(adapters_of(model))}")
-    for _, layer in bdlora_layers(model):
-        if adapter_name in layer.lora_A:
-            layer.delete_adapter(adapter_name)
+    _remove_from_layers(model, adapter_name)
     del adapters_of(model)[adapter_name]
 
 
 def merge_adapter(model: nn.Module, adapter_name: str | None = None) -> None:
     """Fold the active (or named) adapter into the base weights; forward then skips it."""
+    if adapter_name is not None and adapter_name not in adapters_of(model):
+        raise KeyError(f"no adapter {adapter_name!r}; have: {', '.join(adapters_of(model))}")
     for _, layer in bdlora_layers(model):
-        layer.merge(adapter_name)
+        if adapter_name is None or adapter_name in layer.lora_A:
+            layer.merge(adapter_name)
 
 
 def unmerge_adapter(model: nn.Module) -> None:

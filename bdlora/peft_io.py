@@ -22,6 +22,7 @@ from bdlora.config import BDLoraConfig, BDLoraConfigError
 from bdlora.fsutil import write_file_atomic
 from bdlora.layers import dense_factors
 from bdlora.model import adapters_of, apply_bdlora, delete_adapter
+from bdlora.parallel.mesh import on_all_ranks
 from bdlora.parallel.sharding import gather_factors
 from bdlora.plan import ModulePlan, Plan
 from bdlora.roles import Role
@@ -148,10 +149,8 @@ def save_adapter(
     adapter_name = adapter_name or _only_adapter(model)
     config = peft_config_dict(model, adapter_name, format)
     tensors = adapter_tensors(model, adapter_name, format)
-    if is_writer():
-        write_adapter_files(directory, config, tensors)
-    if dist.is_initialized():
-        dist.barrier()
+    # on_all_ranks: the other ranks wait for rank 0's write and see its error instead of hanging
+    on_all_ranks(lambda: write_adapter_files(directory, config, tensors) if is_writer() else None)
     return Path(directory)
 
 

@@ -21,7 +21,7 @@ from torch import nn
 from bdlora.config import BDLoraConfig, BDLoraConfigError
 from bdlora.fsutil import write_file_atomic
 from bdlora.layers import BDLoraLinear, factor_shard_dims
-from bdlora.model import adapters_of, apply_bdlora, tp_state
+from bdlora.model import adapters_of, apply_bdlora, delete_adapter, tp_state
 
 META_NAME = "bdlora_shards.json"
 FACTORS = ("lora_A", "lora_B")
@@ -103,11 +103,7 @@ def read_shard_meta(directory: str | Path) -> dict:
 def restore_adapter_(model: nn.Module, directory: str | Path, adapter_name: str = "default") -> None:
     """Overwrite the factors of an existing adapter from a sharded checkpoint (any TP degree)."""
     meta = read_shard_meta(directory)
-    _, sharding = tp_state(model)
-    if meta["sharding"] != sharding:
-        raise BDLoraConfigError(
-            f"{directory} holds a {meta['sharding']!r}-sharded adapter; the model is sharded {sharding!r}"
-        )
+    _check_sharding(meta, model, directory)
     with open_shards(Path(directory), "adapter", meta["tp"]) as shards:
         full: dict[str, dict[str, torch.Tensor]] = {}
         for key, _, factor, dim in factor_items(model, adapter_name):
@@ -116,8 +112,21 @@ def restore_adapter_(model: nn.Module, directory: str | Path, adapter_name: str 
             model.get_submodule(name).set_factors(adapter_name, factors["lora_A"], factors["lora_B"])
 
 
+def _check_sharding(meta: dict, model: nn.Module, directory) -> None:
+    _, sharding = tp_state(model)
+    if meta["sharding"] != sharding:
+        raise BDLoraConfigError(
+            f"{directory} holds a {meta['sharding']!r}-sharded adapter; the model is sharded {sharding!r}"
+        )
+
+
 def load_sharded_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "default") -> None:
     """Add ``adapter_name`` from a sharded checkpoint written at any TP degree dividing ``nblocks``."""
     meta = read_shard_meta(directory)
+    _check_sharding(meta, model, directory)
     apply_bdlora(model, BDLoraConfig.from_dict(meta["config"]), adapter_name, init=False)
-    restore_adapter_(model, directory, adapter_name)
+    try:
+        restore_adapter_(model, directory, adapter_name)
+    except BaseException:  # leave no adapter of uninitialised factors behind
+        delete_adapter(model, adapter_name)
+        raise

@@ -74,6 +74,15 @@ def check_model_tp(model: nn.Module, tp: int, sharding: str = "bdlora") -> list[
                 f"TP degree {tp}"
             )
         layer = model.get_submodule(name)
+        if (
+            sharding == "slora"
+            and isinstance(layer, BDLoraLinear)
+            and any(n > 1 for n in layer.nblocks.values())
+        ):
+            raise BDLoraConfigError(
+                f"module {name!r} holds block-diagonal adapters (nblocks > 1); sharding='slora' trains "
+                f"dense LoRA: add the adapter with nblocks=1, or after sharding"
+            )
         if isinstance(layer, BDLoraLinear) and layer.lora_A and layer.role is not role:
             raise BDLoraConfigError(
                 f"module {name!r} is {role.value}-parallel in the TP plan but its adapter makes "
@@ -110,7 +119,7 @@ def _shard_linear(model: nn.Module, name: str, role: Role, tp: TPGroup, sharding
         parent_name, _, child = name.rpartition(".")
         module = BDLoraLinear(module, role, tp, sharding)
         setattr(model.get_submodule(parent_name), child, module)
-    module.tp, module.sharding = tp, sharding
+    module.tp, module.sharding, module.role = tp, sharding, role
     base = module.base_layer
     weight_dim = 0 if role is Role.COLUMN else 1
     base.weight = nn.Parameter(take_shard(base.weight.data, weight_dim, tp).clone(), requires_grad=False)

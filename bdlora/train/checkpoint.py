@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from bdlora.fsutil import write_file_atomic
@@ -37,6 +36,7 @@ from bdlora.parallel.checkpoint import (
     save_sharded_adapter,
     unshard,
 )
+from bdlora.parallel.mesh import on_all_ranks
 from bdlora.train.context import RunContext
 
 COMPLETE = "COMPLETE"
@@ -64,13 +64,21 @@ class Checkpointer:
 
     # -- save -------------------------------------------------------------------------------------
     def save(self, step: int, model: nn.Module, optimizer, scheduler, loader, config: dict) -> Path:
+        """Write a checkpoint; each phase ends with every rank agreeing it succeeded everywhere."""
         final = self.root / step_dir_name(step)
         tmp = self.root / f".{step_dir_name(step)}.partial"
+        on_all_ranks(self._prepare, tmp)
+        on_all_ranks(self._write_shards, tmp, step, model, optimizer, scheduler, loader, config)
+        on_all_ranks(self._publish, tmp, final, step)
+        return final
+
+    def _prepare(self, tmp: Path) -> None:
         if self.ctx.is_main:
             shutil.rmtree(tmp, ignore_errors=True)  # left by a crash
             tmp.mkdir(parents=True)
-        dist.barrier()
-        writes_shard = self.ctx.dp_rank == 0
+
+    def _write_shards(self, tmp: Path, step: int, model, optimizer, scheduler, loader, config) -> None:
+        writes_shard = self.ctx.dp_rank == 0  # DP replicas hold the same shards
         save_sharded_adapter(model, tmp, self.adapter, write=writes_shard)
         if writes_shard:
             save_shard_file(tmp, "optim", self._moments(model, optimizer), self.ctx.tp.rank, self.ctx.tp.size)
@@ -86,15 +94,14 @@ class Checkpointer:
                 "config": config,
             }
             write_file_atomic(tmp / STATE, lambda p: Path(p).write_text(json.dumps(state, indent=2)))
-        dist.barrier()
+
+    def _publish(self, tmp: Path, final: Path, step: int) -> None:
         if self.ctx.is_main:
             (tmp / COMPLETE).write_text(str(step))
             if final.exists():
                 shutil.rmtree(final)
             tmp.rename(final)
             self._prune()
-        dist.barrier()
-        return final
 
     def _moments(self, model: nn.Module, optimizer) -> dict[str, torch.Tensor]:
         out = {}

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import yaml
 
+from bdlora.layers import SHARDINGS
 from bdlora.parallel.mesh import on_all_ranks
-from bdlora.peft_io import save_adapter
+from bdlora.peft_io import FORMATS, save_adapter
 from bdlora.train.checkpoint import Checkpointer
 from bdlora.train.config import CheckpointConfig, TrainConfig
 from bdlora.train.context import RunContext, build_context
@@ -25,8 +26,7 @@ ENGINES = ("native",)
 
 def run(cfg: TrainConfig, overrides: list[str] | None = None) -> float:
     """Train as ``cfg`` says on the already-initialised process group; returns the final eval loss."""
-    if cfg.parallel.engine not in ENGINES:
-        raise ValueError(f"parallel.engine={cfg.parallel.engine!r}; valid: {', '.join(ENGINES)}")
+    _check_choices(cfg)
     ctx = build_context(cfg.parallel.tp, cfg.parallel.dp, cfg.run_dir, cfg.run_name)
     adapter = cfg.adapter.build()
     model_dir = on_all_ranks(resolve_model_dir, cfg.model, ctx.is_main)
@@ -74,6 +74,17 @@ def run(cfg: TrainConfig, overrides: list[str] | None = None) -> float:
     save_adapter(model, adapter_dir, format=cfg.checkpoint.export_format)
     _print_summary(ctx, first_loss, last, initial_eval, final_eval, checkpointer, adapter_dir)
     return float(final_eval.get("eval_loss", math.nan))
+
+
+def _check_choices(cfg: TrainConfig) -> None:
+    """Settings used only late in a run, checked before anything is built."""
+    for key, value, valid in (
+        ("parallel.engine", cfg.parallel.engine, ENGINES),
+        ("parallel.sharding", cfg.parallel.sharding, SHARDINGS),
+        ("checkpoint.export_format", cfg.checkpoint.export_format, FORMATS),
+    ):
+        if value not in valid:
+            raise ValueError(f"{key}={value!r}; valid: {', '.join(valid)}")
 
 
 def _due(step: int, every: int, total: int) -> bool:
