@@ -70,22 +70,30 @@ def plan_regexes(tp_plan: dict[str, str]) -> list[tuple[re.Pattern[str], str, st
     return out
 
 
+def planned_role(name: str, regexes: list[tuple[re.Pattern[str], str, str]]) -> tuple[Role, str] | None:
+    """(role, style) of ``name`` if the TP plan lists it, else None; UnsupportedTPStyle for a style
+    bdlora cannot shard (packed, gather, ...)."""
+    for regex, key, style in regexes:
+        if regex.fullmatch(name):
+            if style not in _STYLE_ROLES:
+                raise UnsupportedTPStyle(
+                    f"module {name!r} has TP style {style!r} (plan key {key!r}); bdlora supports "
+                    f"{', '.join(sorted(_STYLE_ROLES))}. Exclude it with patterns: "
+                    f"{{{name.rsplit('.', 1)[-1]!r}: None}} or force one with a 'role' override."
+                )
+            return Role(_STYLE_ROLES[style]), style
+    return None
+
+
 def role_of(name: str, tp_plan: dict[str, str] | None) -> tuple[Role, str]:
     """The role of module ``name`` and where it came from (shown in the plan output).
 
-    Raises UnsupportedTPStyle for a planned style bdlora cannot shard (packed, gather, ...), and
-    ValueError when there is no plan and the name says nothing.
+    Raises UnsupportedTPStyle for a planned style bdlora cannot shard, and ValueError when there is
+    no plan entry and the name says nothing.
     """
-    if tp_plan:
-        for regex, key, style in plan_regexes(tp_plan):
-            if regex.fullmatch(name):
-                if style not in _STYLE_ROLES:
-                    raise UnsupportedTPStyle(
-                        f"module {name!r} has TP style {style!r} (plan key {key!r}); bdlora supports "
-                        f"{', '.join(sorted(_STYLE_ROLES))}. Exclude it with patterns: "
-                        f"{{{name.rsplit('.', 1)[-1]!r}: None}} or force one with a 'role' override."
-                    )
-                return Role(_STYLE_ROLES[style]), f"tp_plan:{style}"
+    planned = planned_role(name, plan_regexes(tp_plan)) if tp_plan else None
+    if planned is not None:
+        return planned[0], f"tp_plan:{planned[1]}"
     leaf = name.rsplit(".", 1)[-1]
     for role, leaves in _NAME_ROLES.items():
         if leaf in leaves:

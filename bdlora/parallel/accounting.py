@@ -107,15 +107,6 @@ class CommCounter(TorchDispatchMode):
             entry["ops"][r.op] += 1
         return {k: {**v, "ops": dict(v["ops"])} for k, v in out.items()}
 
-    def count(self, group: str, op: str | None = None) -> int:
-        return sum(1 for r in self.records if r.group == group and (op is None or r.op == op))
-
-    def bytes(self, group: str) -> int:
-        return sum(r.bytes for r in self.records if r.group == group)
-
-    def reset(self) -> None:
-        self.records.clear()
-
 
 def slora_extra_bytes(plan, tokens: int, tp: int, element_size: int = 4) -> dict[str, float]:
     """Per-step TP traffic S-LoRA adds on top of the base (``plan``: the dense-LoRA plan).

@@ -19,14 +19,7 @@ from bdlora.layers import BDLoraLinear, factor_shard_dims, take_shard
 from bdlora.model import adapters_of, tp_state
 from bdlora.parallel.comm import TPGroup, copy_to_tp
 from bdlora.plan import check_plan_tp
-from bdlora.roles import Role, UnsupportedTPStyle, plan_regexes
-
-_ROLE_OF_STYLE = {
-    "colwise": Role.COLUMN,
-    "local_colwise": Role.COLUMN,
-    "rowwise": Role.ROW,
-    "local_rowwise": Role.ROW,
-}
+from bdlora.roles import Role, plan_regexes, planned_role
 
 
 def tp_linears(model: nn.Module) -> list[tuple[str, Role]]:
@@ -42,15 +35,9 @@ def tp_linears(model: nn.Module) -> list[tuple[str, Role]]:
     for name, module in model.named_modules():
         if not isinstance(module, (nn.Linear, BDLoraLinear)) or name.endswith("base_layer"):
             continue
-        for regex, key, style in regexes:
-            if regex.fullmatch(name):
-                if style not in _ROLE_OF_STYLE:
-                    raise UnsupportedTPStyle(
-                        f"module {name!r} has TP style {style!r} (plan key {key!r}); bdlora shards "
-                        f"{', '.join(sorted(_ROLE_OF_STYLE))} linear layers only"
-                    )
-                out.append((name, _ROLE_OF_STYLE[style]))
-                break
+        planned = planned_role(name, regexes)
+        if planned is not None:
+            out.append((name, planned[0]))
     return out
 
 

@@ -64,11 +64,6 @@ class MetricsLogger:
         if self._bar:
             self._bar.update(steps)
 
-    def write(self, message: str) -> None:
-        if not self.enabled:
-            return
-        (self._bar.write if self._bar else print)(message)
-
     def close(self) -> None:
         for handle in (self._bar, self._file):
             if handle:
