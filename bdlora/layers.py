@@ -62,6 +62,12 @@ def dense_factors(
     return expand_block_diag(a, nblocks), b
 
 
+def base_shard_dims(role: Role) -> tuple[int, int | None]:
+    """The dimension of the base (weight, bias) that TP splits; a row layer's bias is replicated
+    and added once, after the all-reduce."""
+    return (0, 0) if role is Role.COLUMN else (1, None)
+
+
 def factor_shard_dims(role: Role, sharding: str = "bdlora") -> tuple[int | None, int | None]:
     """The dimension of (A, B) that TP splits (None: replicated); the one place placements live."""
     if sharding == "slora":

@@ -79,3 +79,15 @@ def test_sharded_load_with_a_missing_shard_leaves_no_adapter(slora_checkpoint):
     with pytest.raises(FileNotFoundError, match="incomplete sharded checkpoint"):
         load_sharded_adapter(model, slora_checkpoint)
     assert not adapters_of(model) and not adapter_names_on_layers(model)
+
+
+def test_restoring_into_an_adapter_with_other_settings_names_them(tmp_path):
+    from bdlora.parallel.checkpoint import restore_adapter_
+
+    model = tiny_model()
+    apply_bdlora(model, BDLoraConfig(rank=4, alpha=8, nblocks=2))
+    save_sharded_adapter(model, tmp_path)
+    other = tiny_model()
+    apply_bdlora(other, BDLoraConfig(rank=4, alpha=16, nblocks=2))
+    with pytest.raises(BDLoraConfigError, match=r"alpha=8 \(now 16\)"):
+        restore_adapter_(other, tmp_path)

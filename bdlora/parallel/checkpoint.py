@@ -104,6 +104,14 @@ def restore_adapter_(model: nn.Module, directory: str | Path, adapter_name: str 
     """Overwrite the factors of an existing adapter from a sharded checkpoint (any TP degree)."""
     meta = read_shard_meta(directory)
     _check_sharding(meta, model, directory)
+    live = adapters_of(model)[adapter_name].config.to_dict()
+    changed = sorted(k for k in live if live[k] != meta["config"].get(k))
+    if changed:
+        raise BDLoraConfigError(
+            f"{directory} was saved with a different adapter config: "
+            + ", ".join(f"{k}={meta['config'].get(k)!r} (now {live[k]!r})" for k in changed)
+            + "; resume with the checkpoint's settings"
+        )
     with open_shards(Path(directory), "adapter", meta["tp"]) as shards:
         full: dict[str, dict[str, torch.Tensor]] = {}
         for key, _, factor, dim in factor_items(model, adapter_name):

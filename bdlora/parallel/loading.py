@@ -15,13 +15,12 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from bdlora.config import BDLoraConfig
-from bdlora.layers import BDLoraLinear
+from bdlora.layers import BDLoraLinear, base_shard_dims
 from bdlora.model import apply_bdlora
 from bdlora.parallel.comm import TPGroup
 from bdlora.parallel.mesh import on_all_ranks, tp_of_mesh
 from bdlora.parallel.sharding import check_model_tp, shard_model_
 from bdlora.plan import check_plan_tp, resolve_plan
-from bdlora.roles import Role
 
 
 def from_pretrained(
@@ -86,9 +85,8 @@ def _shard_dim(module: nn.Module, param_name: str) -> int | None:
     """Which dim of a checkpoint tensor this rank slices (None: it reads all of it)."""
     if not isinstance(module, BDLoraLinear) or module.tp.size == 1:
         return None
-    if param_name == "weight":
-        return 0 if module.role is Role.COLUMN else 1
-    return 0 if module.role is Role.COLUMN else None  # bias
+    weight_dim, bias_dim = base_shard_dims(module.role)
+    return weight_dim if param_name == "weight" else bias_dim
 
 
 @torch.no_grad()

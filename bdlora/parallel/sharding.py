@@ -15,7 +15,7 @@ from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from bdlora.config import BDLoraConfigError
-from bdlora.layers import BDLoraLinear, factor_shard_dims, take_shard
+from bdlora.layers import BDLoraLinear, base_shard_dims, factor_shard_dims, take_shard
 from bdlora.model import adapters_of, tp_state
 from bdlora.parallel.comm import TPGroup, copy_to_tp
 from bdlora.plan import check_plan_tp
@@ -108,10 +108,10 @@ def _shard_linear(model: nn.Module, name: str, role: Role, tp: TPGroup, sharding
         setattr(model.get_submodule(parent_name), child, module)
     module.tp, module.sharding, module.role = tp, sharding, role
     base = module.base_layer
-    weight_dim = 0 if role is Role.COLUMN else 1
+    weight_dim, bias_dim = base_shard_dims(role)
     base.weight = nn.Parameter(take_shard(base.weight.data, weight_dim, tp).clone(), requires_grad=False)
-    if base.bias is not None and role is Role.COLUMN:  # a row layer adds its bias once, after the reduce
-        base.bias = nn.Parameter(take_shard(base.bias.data, 0, tp).clone(), requires_grad=False)
+    if base.bias is not None:
+        base.bias = nn.Parameter(take_shard(base.bias.data, bias_dim, tp).clone(), requires_grad=False)
     dim_a, dim_b = factor_shard_dims(role, sharding)
     for adapter in module.lora_A:
         for store, dim in ((module.lora_A, dim_a), (module.lora_B, dim_b)):

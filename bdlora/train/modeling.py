@@ -11,7 +11,7 @@ from torch import nn
 from bdlora.config import BDLoraConfig
 from bdlora.model import apply_bdlora
 from bdlora.parallel.loading import from_pretrained
-from bdlora.parallel.sharding import check_model_tp, shard_model_
+from bdlora.parallel.sharding import shard_model_
 from bdlora.presets import build_model as build_preset
 from bdlora.presets import preset_config
 from bdlora.train.config import ModelConfig
@@ -104,7 +104,6 @@ def build_model(
             seed=cfg.seed,
         )
     model = build_preset(cfg.name, seed=cfg.seed).to(dtype=dtype, device=ctx.device)
-    check_model_tp(model, ctx.tp.size, sharding)
     shard_model_(model, ctx.tp, sharding)
     torch.manual_seed(cfg.seed)
     apply_bdlora(model, adapter)
