@@ -8,12 +8,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from bdlora.config import BDLoraConfig
 from bdlora.layers import BDLoraLinear, init_factors
-from bdlora.parallel.comm import TPGroup
+from bdlora.parallel.comm import TPGroup, sum_over
 from bdlora.plan import ModulePlan, Plan, check_plan_tp, resolve_plan
 
 
@@ -103,9 +102,7 @@ def global_std(w_local: torch.Tensor, tp: TPGroup) -> float:
     """Standard deviation of the unsharded weight from its shards (one all-reduce at TP > 1)."""
     w = w_local.detach().double()
     stats = torch.stack([w.sum(), (w * w).sum(), w.new_tensor(float(w.numel()))])
-    if tp.size > 1:
-        dist.all_reduce(stats, group=tp.group)
-    total, sq, n = stats.tolist()
+    total, sq, n = sum_over(stats, tp.group).tolist()
     return math.sqrt(max(sq - total * total / n, 0.0) / (n - 1))
 
 

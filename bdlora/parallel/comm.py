@@ -1,4 +1,4 @@
-"""Every tensor-parallel collective bdlora issues, as named autograd functions.
+"""Every collective bdlora issues: TP mappings as named autograd functions, then bookkeeping.
 
 Megatron's mappings: ``copy_to_tp`` ("f": forward identity, backward all-reduce) sits where a
 replicated activation enters column-parallel layers; ``reduce_from_tp`` ("g": forward all-reduce,
@@ -89,3 +89,43 @@ def reduce_from_tp(x: torch.Tensor, tp: TPGroup) -> torch.Tensor:
 
 def gather_from_tp(x: torch.Tensor, tp: TPGroup) -> torch.Tensor:
     return x if tp.size == 1 else _GatherFromTP.apply(x, tp.group)
+
+
+# Outside autograd: collectives of bookkeeping (init statistics, checkpoint gathers, gradient sync,
+# metrics). Each runs on every rank of ``group`` and returns the same result on all of them.
+
+
+def sum_over(tensor: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """A copy of ``tensor`` summed over ``group`` (the tensor itself when there is no group)."""
+    if group is None or dist.get_world_size(group) == 1:
+        return tensor
+    out = tensor.clone()
+    dist.all_reduce(out, group=group)
+    return out
+
+
+def mean_over(tensor: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+    if group is None:
+        return tensor
+    return sum_over(tensor, group) / dist.get_world_size(group)
+
+
+def gather_along(local: torch.Tensor, dim: int | None, tp: TPGroup) -> torch.Tensor:
+    """The unsharded tensor from every rank's shard along ``dim`` (None: replicated, a copy)."""
+    local = local.detach().contiguous()
+    if dim is None or tp.size == 1:
+        return local.clone()
+    parts = [torch.empty_like(local) for _ in range(tp.size)]
+    dist.all_gather(parts, local, group=tp.group)
+    return torch.cat(parts, dim)  # shards concatenated in rank order
+
+
+def average_(tensors: list[torch.Tensor], group: dist.ProcessGroup | None) -> None:
+    """Average ``tensors`` in place over ``group`` in one flat all-reduce."""
+    if group is None or dist.get_world_size(group) == 1 or not tensors:
+        return
+    flat = torch._utils._flatten_dense_tensors(tensors)
+    dist.all_reduce(flat, group=group)
+    flat /= dist.get_world_size(group)
+    for tensor, synced in zip(tensors, torch._utils._unflatten_dense_tensors(flat, tensors)):
+        tensor.copy_(synced)

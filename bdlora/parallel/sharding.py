@@ -12,12 +12,11 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from bdlora.config import BDLoraConfigError
 from bdlora.layers import BDLoraLinear, base_shard_dims, factor_shard_dims, take_shard
 from bdlora.model import adapters_of, tp_state
-from bdlora.parallel.comm import TPGroup, copy_to_tp
+from bdlora.parallel.comm import TPGroup, average_, copy_to_tp, gather_along
 from bdlora.plan import check_plan_tp
 from bdlora.roles import Role, plan_regexes, planned_role
 
@@ -138,28 +137,12 @@ def _copy_hook(tp: TPGroup):
 
 def gather_factors(layer: BDLoraLinear, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The unsharded (A, B) of ``adapter``, all-gathered over the layer's TP group (a copy)."""
-    dims = factor_shard_dims(layer.role, layer.sharding)
-    out = []
-    for param, dim in zip((layer.lora_A[adapter], layer.lora_B[adapter]), dims):
-        local = param.detach().contiguous()
-        if dim is None or layer.tp.size == 1:
-            out.append(local.clone())
-            continue
-        parts = [torch.empty_like(local) for _ in range(layer.tp.size)]
-        dist.all_gather(parts, local, group=layer.tp.group)
-        out.append(torch.cat(parts, dim))
-    return out[0], out[1]
+    dim_a, dim_b = factor_shard_dims(layer.role, layer.sharding)
+    return gather_along(layer.lora_A[adapter], dim_a, layer.tp), gather_along(
+        layer.lora_B[adapter], dim_b, layer.tp
+    )
 
 
 def allreduce_adapter_grads(model: nn.Module, dp_group: dist.ProcessGroup | None) -> None:
     """Average trainable (adapter) gradients over the DP group in one flat all-reduce."""
-    if dp_group is None or dist.get_world_size(dp_group) == 1:
-        return
-    grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
-    if not grads:
-        return
-    flat = _flatten_dense_tensors(grads)
-    dist.all_reduce(flat, group=dp_group)
-    flat /= dist.get_world_size(dp_group)
-    for grad, synced in zip(grads, _unflatten_dense_tensors(flat, grads)):
-        grad.copy_(synced)
+    average_([p.grad for p in model.parameters() if p.requires_grad and p.grad is not None], dp_group)

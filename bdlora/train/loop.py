@@ -9,12 +9,12 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from bdlora.layers import factor_shard_dims
 from bdlora.model import adapter_parameters, bdlora_layers
 from bdlora.parallel.accounting import CommCounter
+from bdlora.parallel.comm import mean_over, sum_over
 from bdlora.parallel.sharding import allreduce_adapter_grads
 from bdlora.train.config import OptimConfig
 from bdlora.train.context import RunContext
@@ -61,11 +61,7 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, ctx: RunContext, sharded:
     local = torch.zeros(2, dtype=torch.float64, device=ctx.device)  # (sharded, replicated) sums
     for g, is_sharded in grads:
         local[0 if is_sharded else 1] += g.detach().double().pow(2).sum()
-    if ctx.tp.size > 1:
-        sharded_sq = local[:1].clone()
-        dist.all_reduce(sharded_sq, group=ctx.tp.group)
-        local[0] = sharded_sq[0]
-    norm = float(local.sum().sqrt())
+    norm = float((sum_over(local[0], ctx.tp.group) + local[1]).sqrt())
     if max_norm > 0 and norm > max_norm:
         scale = max_norm / (norm + 1e-6)
         for g, _ in grads:
@@ -102,11 +98,7 @@ class Trainer:
         )
 
     def _dp_mean(self, value: torch.Tensor) -> float:
-        if self.ctx.dp_size > 1:
-            value = value.clone()
-            dist.all_reduce(value, group=self.ctx.dp_group)
-            value /= self.ctx.dp_size
-        return float(value)
+        return float(mean_over(value, self.ctx.dp_group))
 
     def train_step(self, batches: Iterator, count_comm: bool = False) -> StepResult:
         """One optimizer step over ``grad_accum`` micro-batches."""
@@ -151,7 +143,6 @@ class Trainer:
                 loss = self.model(input_ids=ids, labels=labels).loss
             n = int((labels[:, 1:] != -100).sum())
             sums += torch.tensor([float(loss) * n, n], dtype=torch.float64, device=self.ctx.device)
-        if self.ctx.dp_size > 1:
-            dist.all_reduce(sums, group=self.ctx.dp_group)
+        sums = sum_over(sums, self.ctx.dp_group)
         loss = float(sums[0] / sums[1].clamp(min=1))
         return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
