@@ -26,9 +26,7 @@ runs), and the first ``k`` pairs of ``embedded_pairs(n, seed)`` are ``embedded_p
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Iterator
-
-import torch
+from collections.abc import Callable
 
 LETTERS = "abcdefgh"
 
@@ -91,20 +89,3 @@ def embedded_pairs(n: int, seed: int = 0) -> list[tuple[str, str]]:
 def format_pair(prompt: str, response: str) -> tuple[str, str]:
     """The prompt template every pair is trained with: (prompt text, response text)."""
     return f"Q: {prompt}\nA: ", f"{response}\n"
-
-
-def byte_encode(text: str) -> list[int]:
-    return list(text.encode("utf-8"))
-
-
-def byte_batches(
-    pairs: list[tuple[str, str]], batch_size: int, seq_len: int, seed: int = 0
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Endless (input_ids, labels) batches, each (batch_size, seq_len), of byte-tokenised packed pairs.
-
-    The trainer's pipeline (:mod:`bdlora.train.data`) without an eval split or DP sharding.
-    """
-    from bdlora.train.data import ByteTokenizer, PackedLoader, pack_examples  # noqa: PLC0415
-
-    examples = [format_pair(p, r) for p, r in pairs]
-    return PackedLoader(pack_examples(examples, ByteTokenizer(), seq_len), batch_size, seed=seed)

@@ -7,9 +7,10 @@ import time
 import torch
 
 from bdlora import BDLoraConfig, apply_bdlora, save_adapter
-from bdlora.data import byte_batches, embedded_pairs
+from bdlora.data import embedded_pairs
 from bdlora.model import adapter_parameters, adapters_of
 from bdlora.presets import build_model
+from bdlora.train.data import byte_batches
 
 DEMO_CONFIG = BDLoraConfig(
     rank=8,

@@ -14,6 +14,7 @@ from bdlora.config import BDLoraConfig
 from bdlora.layers import BDLoraLinear, init_factors
 from bdlora.parallel.comm import TPGroup, sum_over
 from bdlora.plan import ModulePlan, Plan, check_plan_tp, resolve_plan
+from bdlora.roles import Role
 
 
 @dataclass
@@ -60,7 +61,7 @@ def apply_bdlora(
     model.requires_grad_(False)
     try:
         for mp in plan.modules:
-            layer = _wrap(model, mp)
+            layer = wrap_linear(model, mp.name, mp.role)
             s = mp.settings
             layer.add_adapter(adapter_name, s.rank, config.nblocks, s.scale, s.dropout)
             if init:
@@ -106,13 +107,14 @@ def global_std(w_local: torch.Tensor, tp: TPGroup) -> float:
     return math.sqrt(max(sq - total * total / n, 0.0) / (n - 1))
 
 
-def _wrap(model: nn.Module, mp: ModulePlan) -> BDLoraLinear:
-    module = model.get_submodule(mp.name)
+def wrap_linear(model: nn.Module, name: str, role: Role) -> BDLoraLinear:
+    """The BDLoraLinear at ``name``, replacing a plain nn.Linear there on first use."""
+    module = model.get_submodule(name)
     if isinstance(module, BDLoraLinear):
         return module
-    parent_name, _, child = mp.name.rpartition(".")
+    parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
-    layer = BDLoraLinear(module, mp.role)
+    layer = BDLoraLinear(module, role)
     setattr(parent, child, layer)
     return layer
 

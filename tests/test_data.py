@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bdlora.data import TASKS, byte_batches, embedded_pairs, format_pair
+from bdlora.data import TASKS, embedded_pairs, format_pair
 from bdlora.presets import preset_config
 from bdlora.train.data import (
     IGNORE_INDEX,
@@ -21,6 +21,7 @@ from bdlora.train.data import (
     PackedLoader,
     build_loaders,
     build_tokenizer,
+    byte_batches,
     check_seq_len,
     check_vocab,
     load_examples,

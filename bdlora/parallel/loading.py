@@ -19,7 +19,7 @@ from bdlora.layers import BDLoraLinear, base_shard_dims
 from bdlora.model import apply_bdlora
 from bdlora.parallel.comm import TPGroup
 from bdlora.parallel.mesh import on_all_ranks, tp_of_mesh
-from bdlora.parallel.sharding import check_model_tp, shard_model_
+from bdlora.parallel.sharding import shard_model_
 from bdlora.plan import check_plan_tp, resolve_plan
 
 
@@ -63,14 +63,14 @@ def _build_meta(model_dir: Path, adapter_config, adapter_dir, tp: TPGroup, dtype
     config = AutoConfig.from_pretrained(model_dir)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    check_model_tp(model, tp.size, sharding)
+    model = shard_model_(model, tp, sharding)  # validates TP against heads and dimensions first
     if adapter_dir is not None:
         from bdlora.peft_io import read_adapter_config
 
         adapter_config = read_adapter_config(adapter_dir)
     if adapter_config is not None:  # resolve now so a bad pattern fails before any read
         check_plan_tp(resolve_plan(model, adapter_config), tp.size, sharding)
-    return shard_model_(model, tp, sharding)
+    return model
 
 
 def weight_files(model_dir: Path) -> list[Path]:

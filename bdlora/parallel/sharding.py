@@ -15,7 +15,7 @@ from torch import nn
 
 from bdlora.config import BDLoraConfigError
 from bdlora.layers import BDLoraLinear, base_shard_dims, factor_shard_dims, take_shard
-from bdlora.model import adapters_of, tp_state
+from bdlora.model import adapters_of, tp_state, wrap_linear
 from bdlora.parallel.comm import TPGroup, average_, copy_to_tp, gather_along
 from bdlora.plan import check_plan_tp
 from bdlora.roles import Role, plan_regexes, planned_role
@@ -100,11 +100,7 @@ def shard_model_(model: nn.Module, tp: TPGroup, sharding: str = "bdlora") -> nn.
 
 
 def _shard_linear(model: nn.Module, name: str, role: Role, tp: TPGroup, sharding: str) -> None:
-    module = model.get_submodule(name)
-    if not isinstance(module, BDLoraLinear):
-        parent_name, _, child = name.rpartition(".")
-        module = BDLoraLinear(module, role, tp, sharding)
-        setattr(model.get_submodule(parent_name), child, module)
+    module = wrap_linear(model, name, role)
     module.tp, module.sharding, module.role = tp, sharding, role
     base = module.base_layer
     weight_dim, bias_dim = base_shard_dims(role)

@@ -471,3 +471,12 @@ def check_vocab(blocks: PackedBlocks, model_config: PretrainedConfig) -> None:
             f"token id {top} is outside the model's vocab_size={model_config.vocab_size}: the tokenizer "
             "does not match the model; use the model's own tokenizer ('bytes' needs vocab_size >= 256)"
         )
+
+
+def byte_batches(
+    pairs: list[Example], batch_size: int, seq_len: int, seed: int = 0
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Endless (input_ids, labels) batches, each (batch_size, seq_len), of byte-tokenised packed pairs:
+    the pipeline above without an eval split or DP sharding (``bdlora demo`` uses it)."""
+    examples = [format_pair(p, r) for p, r in pairs]
+    return PackedLoader(pack_examples(examples, ByteTokenizer(), seq_len), batch_size, seed=seed)
