@@ -39,14 +39,21 @@ def cmd_plan(args: argparse.Namespace) -> int:
         raise FileNotFoundError(
             f"--model {args.model!r} is neither a model directory nor a preset ({', '.join(PRESETS)})"
         )
+    if args.tp < 1:
+        raise BDLoraConfigError(f"--tp {args.tp}: the TP degree must be a positive integer")
     plan = resolve_plan(model, config)
+    blocks = None
     if args.tp > 1:
         from bdlora.parallel.sharding import check_model_tp  # noqa: PLC0415
         from bdlora.plan import check_plan_tp  # noqa: PLC0415
 
-        check_model_tp(model, args.tp)
+        blocks = check_model_tp(model, args.tp)
         check_plan_tp(plan, args.tp)
     print(plan.format(tp=args.tp))
+    if blocks:
+        from bdlora.parallel.placement import format_blocks  # noqa: PLC0415
+
+        print(format_blocks(blocks, args.tp))
     return 0
 
 

@@ -2,37 +2,24 @@
 
 Storage follows PEFT: ``y = x W^T``, ``W`` is ``(d_out, d_in)``; an adapter adds
 ``scale * B (A x)``. One factor is block-diagonal, kept packed as ``(out, in / N)`` with block ``j``
-equal to ``weight.chunk(N, 0)[j]``. Under tensor parallelism (degree ``t``, ``N`` a multiple of ``t``)
-each rank holds its contiguous shard of every factor, and the same block-diagonal code runs on
-``N/t`` local blocks:
+equal to ``weight.chunk(N, 0)[j]``: B for column-parallel layers, A for row-parallel ones.
 
-=======  ===================  ======================  =========================  ============
-role     A on rank i          B on rank i             local compute              adds
-=======  ===================  ======================  =========================  ============
-column   ``(r/t, d_in)``      packed ``(d_out/t,      ``W_i x + s B_i (A_i x)``  nothing
-                              r/N)``, N/t blocks
-row      packed ``(r/t,       ``(d_out, r/t)``        ``W_i x_i + s B_i (A_i     nothing
-         d_in/N)``, N/t blks                          x_i)``, then one all-red.
-=======  ===================  ======================  =========================  ============
-
-The row-parallel all-reduce runs once, after the adapter's partial output joins the base's, and
-before the bias. ``sharding="slora"`` is the dense-LoRA baseline (S-LoRA): column layers shard A
-on r and all-gather the ``(tokens, r)`` activation; row layers shard A on d_in and all-reduce the
-``(tokens, r)`` partial, adding ``B h`` after the base's all-reduce.
+This module knows nothing of process groups. A layer that ``bdlora.parallelize`` has sharded holds
+a ``tp_style`` (from ``bdlora.parallel.styles``) that owns its communication and the placement of
+its factor shards; the layer's own code then runs unchanged on the local shards, with
+``local_nblocks`` (= N / t) blocks of the block-diagonal factor per rank.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bdlora.parallel.comm import TPGroup, gather_from_tp, reduce_from_tp
 from bdlora.roles import Role
-
-SHARDINGS = ("bdlora", "slora")
 
 
 def block_diag_matmul(x: torch.Tensor, w_packed: torch.Tensor, nblocks: int) -> torch.Tensor:
@@ -62,43 +49,13 @@ def dense_factors(
     return expand_block_diag(a, nblocks), b
 
 
-def base_shard_dims(role: Role) -> tuple[int, int | None]:
-    """The dimension of the base (weight, bias) that TP splits; a row layer's bias is replicated
-    and added once, after the all-reduce."""
-    return (0, 0) if role is Role.COLUMN else (1, None)
-
-
-def factor_shard_dims(role: Role, sharding: str = "bdlora") -> tuple[int | None, int | None]:
-    """The dimension of (A, B) that TP splits (None: replicated); the one place placements live."""
-    if sharding == "slora":
-        return (0, 0) if role is Role.COLUMN else (1, None)
-    return (0, 0) if role is Role.COLUMN else (0, 1)
-
-
 def global_factor_shapes(
-    role: Role, d_in: int, d_out: int, rank: int, nblocks: int, sharding: str = "bdlora"
+    role: Role, d_in: int, d_out: int, rank: int, nblocks: int
 ) -> tuple[tuple[int, int], tuple[int, int]]:
-    """Unsharded (A, B) shapes; S-LoRA is dense LoRA (no block-diagonal factor)."""
-    if sharding == "slora":
-        return (rank, d_in), (d_out, rank)
+    """Unsharded (A, B) shapes; the block-diagonal factor is packed (``nblocks=1``: dense LoRA)."""
     if role is Role.COLUMN:
         return (rank, d_in), (d_out, rank // nblocks)
     return (rank, d_in // nblocks), (d_out, rank)
-
-
-def take_shard(tensor: torch.Tensor, dim: int | None, tp: TPGroup) -> torch.Tensor:
-    """This rank's contiguous shard of an unsharded tensor along ``dim`` (None: all of it)."""
-    if dim is None or tp.size == 1:
-        return tensor
-    return tensor.chunk(tp.size, dim)[tp.rank]
-
-
-def shard_shape(shape: tuple[int, int], dim: int | None, size: int) -> tuple[int, int]:
-    if dim is None:
-        return shape
-    out = list(shape)
-    out[dim] //= size
-    return tuple(out)
 
 
 @torch.no_grad()
@@ -124,26 +81,54 @@ def init_factors(a: torch.Tensor, b: torch.Tensor, init: str, base_std: float, d
         raise ValueError(f"unknown init {init!r}; valid: lora, gaussian, base_stats")
 
 
-class BDLoraLinear(nn.Module):
-    """A frozen linear layer with named BD-LoRA adapters, one active at a time."""
+def weight_moments(w: torch.Tensor) -> torch.Tensor:
+    """(sum, sum of squares, count) of a weight (shard) in float64: shards' moments add up."""
+    w = w.detach().double()
+    return torch.stack([w.sum(), (w * w).sum(), w.new_tensor(float(w.numel()))])
 
-    def __init__(
-        self, base_layer: nn.Linear, role: Role, tp: TPGroup | None = None, sharding: str = "bdlora"
-    ) -> None:
+
+def std_from_moments(moments: torch.Tensor) -> float:
+    """The unbiased standard deviation from ``weight_moments`` (summed over shards)."""
+    total, sq, n = moments.tolist()
+    return math.sqrt(max(sq - total * total / n, 0.0) / (n - 1))
+
+
+class TPStyle(Protocol):
+    """What a sharded layer delegates to its ``tp_style`` (implemented in ``bdlora.parallel.styles``)."""
+
+    def local_nblocks(self, nblocks: int) -> int: ...
+
+    def shard_factors(
+        self, layer: BDLoraLinear, a_full: torch.Tensor, b_full: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def gather_factors(self, layer: BDLoraLinear, name: str) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def sum_moments(self, moments: torch.Tensor) -> torch.Tensor: ...
+
+    def check_merge(self, layer: BDLoraLinear) -> None: ...
+
+    def forward(self, layer: BDLoraLinear, x: torch.Tensor) -> torch.Tensor: ...
+
+
+class BDLoraLinear(nn.Module):
+    """A frozen linear layer with named BD-LoRA adapters, one active at a time.
+
+    ``global_shape`` is the unsharded base weight's ``(d_out, d_in)``; under TP ``base_layer`` holds
+    this rank's shard and ``tp_style`` says how the shards combine.
+    """
+
+    def __init__(self, base_layer: nn.Linear, role: Role) -> None:
         super().__init__()
-        if sharding not in SHARDINGS:
-            raise ValueError(f"unknown sharding {sharding!r}; valid: {', '.join(SHARDINGS)}")
         self.base_layer = base_layer
         self.role = role
-        self.tp = tp or TPGroup(None)
-        self.sharding = sharding
-        # (d_out, d_in) of the unsharded base weight; the local weight is a shard of it
+        self.tp_style: TPStyle | None = None
         self.global_shape = tuple(base_layer.weight.shape)
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
         self.lora_dropout = nn.ModuleDict()
         self.scaling: dict[str, float] = {}
-        self.nblocks: dict[str, int] = {}
+        self.local_nblocks: dict[str, int] = {}  # blocks of the block-diagonal factor on this rank
         self.active_adapter: str | None = None
         self.merged: list[str] = []
         self.disabled = False
@@ -157,42 +142,54 @@ class BDLoraLinear(nn.Module):
     def bias(self) -> torch.Tensor | None:
         return self.base_layer.bias
 
-    def factor_shapes(self, rank: int, nblocks: int) -> tuple[tuple[int, int], tuple[int, int]]:
-        """(global, local) shapes of (A, B) for a global ``rank`` and ``nblocks``."""
-        d_out, d_in = self.global_shape
-        shapes = global_factor_shapes(self.role, d_in, d_out, rank, nblocks, self.sharding)
-        dims = factor_shard_dims(self.role, self.sharding)
-        local = tuple(shard_shape(sh, d, self.tp.size) for sh, d in zip(shapes, dims))
-        return shapes, local
-
     def add_adapter(self, name: str, rank: int, nblocks: int, scale: float, dropout: float = 0.0) -> None:
-        """Allocate adapter ``name`` (global ``rank``, ``nblocks``) uninitialised; see ``init_factors``."""
+        """Allocate adapter ``name`` (global ``rank``, ``nblocks``), factors left to ``set_factors``."""
         if name in self.lora_A:
             raise ValueError(f"adapter {name!r} already exists on this layer; delete it first")
-        if self.sharding == "slora":
-            nblocks = 1
-        _, (shape_a, shape_b) = self.factor_shapes(rank, nblocks)
+        d_out, d_in = self.global_shape
+        shape_a, shape_b = global_factor_shapes(self.role, d_in, d_out, rank, nblocks)
         w = self.base_layer.weight
-        self.lora_A[name] = nn.Parameter(torch.empty(shape_a, dtype=w.dtype, device=w.device))
-        self.lora_B[name] = nn.Parameter(torch.empty(shape_b, dtype=w.dtype, device=w.device))
+        a_full = torch.empty(shape_a, dtype=w.dtype, device="meta")
+        b_full = torch.empty(shape_b, dtype=w.dtype, device="meta")
+        a_local, b_local = self._shard(a_full, b_full)
+        self.lora_A[name] = nn.Parameter(torch.empty(a_local.shape, dtype=w.dtype, device=w.device))
+        self.lora_B[name] = nn.Parameter(torch.empty(b_local.shape, dtype=w.dtype, device=w.device))
         self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.scaling[name] = scale
-        self.nblocks[name] = max(nblocks // self.tp.size, 1)  # blocks held locally
+        self.local_nblocks[name] = self.tp_style.local_nblocks(nblocks) if self.tp_style else nblocks
         self.set_adapter(self.active_adapter or name)  # the new adapter trains only once active
+
+    def _shard(self, a_full: torch.Tensor, b_full: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.tp_style is None:
+            return a_full, b_full
+        return self.tp_style.shard_factors(self, a_full, b_full)
 
     @torch.no_grad()
     def set_factors(self, name: str, a_full: torch.Tensor, b_full: torch.Tensor) -> None:
-        """Fill adapter ``name`` from unsharded factors (this rank keeps its shard)."""
-        dim_a, dim_b = factor_shard_dims(self.role, self.sharding)
-        self.lora_A[name].copy_(take_shard(a_full, dim_a, self.tp))
-        self.lora_B[name].copy_(take_shard(b_full, dim_b, self.tp))
+        """Fill adapter ``name`` from unsharded factors (a sharded layer keeps its shard)."""
+        a_local, b_local = self._shard(a_full, b_full)
+        self.lora_A[name].copy_(a_local)
+        self.lora_B[name].copy_(b_local)
+
+    def full_factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The unsharded (A, B) of ``name`` (a copy); on a sharded layer every TP rank must call it."""
+        if self.tp_style is None:
+            return self.lora_A[name].detach().clone(), self.lora_B[name].detach().clone()
+        return self.tp_style.gather_factors(self, name)
+
+    def weight_std(self) -> float:
+        """Standard deviation of the unsharded base weight (every TP rank calls it when sharded)."""
+        moments = weight_moments(self.base_layer.weight)
+        if self.tp_style is not None:
+            moments = self.tp_style.sum_moments(moments)
+        return std_from_moments(moments)
 
     def delete_adapter(self, name: str) -> None:
         if name in self.merged:
             self.unmerge(name)
         for store in (self.lora_A, self.lora_B, self.lora_dropout):
             del store[name]
-        del self.scaling[name], self.nblocks[name]
+        del self.scaling[name], self.local_nblocks[name]
         if self.active_adapter == name:
             self.active_adapter = None
             if len(self.lora_A):
@@ -207,51 +204,51 @@ class BDLoraLinear(nn.Module):
             self.lora_A[key].requires_grad_(key == name)
             self.lora_B[key].requires_grad_(key == name)
 
-    def lora_delta(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        """``scale * B (A x)`` for adapter ``name``; x: (..., d_in) -> (..., d_out)."""
-        a, b, nblocks = self.lora_A[name], self.lora_B[name], self.nblocks[name]
-        # scale the rank-sized activation h, not the d_out-sized output: a pass over (tokens, r)
-        # instead of (tokens, d_out), forward and backward
-        scale = self.scaling[name]
-        x = self.lora_dropout[name](x.to(a.dtype))
-        if self.sharding == "slora":
-            h = F.linear(x, a)  # column: (..., r/t); row: partial (..., r)
-            if self.role is Role.COLUMN:
-                h = gather_from_tp(h, self.tp)  # (..., r)
-            else:
-                h = reduce_from_tp(h, self.tp)  # (..., r)
-            return F.linear(h * scale, b)  # column: (..., d_out/t); row: (..., d_out)
-        if self.role is Role.COLUMN:
-            h = F.linear(x, a) * scale  # (..., r/t)
-            return block_diag_matmul(h, b, nblocks)  # (..., d_out/t)
-        h = block_diag_matmul(x, a, nblocks) * scale  # (..., r/t)
-        return F.linear(h, b)  # (..., d_out) partial
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.base_layer.weight)  # column: (..., d_out/t); row: partial (..., d_out)
+    def live_adapter(self) -> str | None:
+        """The adapter forward adds: the active one unless disabled or merged into the weight."""
         name = self.active_adapter
-        delta = None
-        if name is not None and not self.disabled and name not in self.merged:
-            delta = self.lora_delta(x, name).to(out.dtype)
-        # BD-LoRA's partial joins the base's before the one all-reduce; S-LoRA's row output is
-        # already complete, so it is added after.
-        after_reduce = self.sharding == "slora" and self.role is Role.ROW
-        if delta is not None and not after_reduce:
-            out = out + delta
-        if self.role is Role.ROW:
-            out = reduce_from_tp(out, self.tp)
-        if delta is not None and after_reduce:
-            out = out + delta
-        if self.base_layer.bias is not None:
-            out = out + self.base_layer.bias
+        return None if name is None or self.disabled or name in self.merged else name
+
+    def adapter_input(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        return self.lora_dropout[name](x.to(self.lora_A[name].dtype))
+
+    def lora_delta(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """``scale * B (A x)`` on the local shards; x: (..., d_in_local) -> (..., d_out_local).
+
+        The rank-sized activation h is scaled, not the d_out-sized output: a pass over (tokens, r)
+        instead of (tokens, d_out), forward and backward.
+        """
+        a, b, nblocks = self.lora_A[name], self.lora_B[name], self.local_nblocks[name]
+        x = self.adapter_input(x, name)
+        if self.role is Role.COLUMN:
+            h = F.linear(x, a) * self.scaling[name]  # (..., r_local)
+            return block_diag_matmul(h, b, nblocks)  # (..., d_out_local)
+        h = block_diag_matmul(x, a, nblocks) * self.scaling[name]  # (..., r_local)
+        return F.linear(h, b)  # (..., d_out)
+
+    def partial_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``W x`` plus the live adapter's delta, before the bias (a row shard's partial sum)."""
+        out = F.linear(x, self.base_layer.weight)
+        name = self.live_adapter()
+        if name is not None:
+            out = out + self.lora_delta(x, name).to(out.dtype)
         return out
 
+    def add_bias(self, out: torch.Tensor) -> torch.Tensor:
+        bias = self.base_layer.bias
+        return out if bias is None else out + bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tp_style is not None:
+            return self.tp_style.forward(self, x)
+        return self.add_bias(self.partial_forward(x))
+
     def delta_weight(self, name: str) -> torch.Tensor:
-        """``scale * B A`` as a dense (d_out, d_in) matrix, in fp32."""
-        if self.sharding == "slora" and self.tp.size > 1:
-            raise NotImplementedError("merging a TP-sharded S-LoRA adapter needs its gathered A")
+        """``scale * B A`` on this rank's shard of the weight, as a dense matrix in fp32."""
+        if self.tp_style is not None:
+            self.tp_style.check_merge(self)
         a, b = dense_factors(
-            self.role, self.lora_A[name].float(), self.lora_B[name].float(), self.nblocks[name]
+            self.role, self.lora_A[name].float(), self.lora_B[name].float(), self.local_nblocks[name]
         )
         return (b @ a) * self.scaling[name]
 
@@ -274,6 +271,6 @@ class BDLoraLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"role={self.role.value}, sharding={self.sharding}, tp={self.tp.rank}/{self.tp.size}, "
+            f"role={self.role.value}, tp={self.tp_style or 'none'}, "
             f"adapters={list(self.lora_A)}, active={self.active_adapter}"
         )

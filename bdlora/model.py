@@ -1,37 +1,29 @@
-"""Inject BD-LoRA adapters into a built model, and manage them (switch, merge, delete)."""
+"""Inject BD-LoRA adapters into a built model, and manage them (switch, merge, delete).
+
+On a model that is not TP-sharded none of these issue a collective, so they may run on one rank
+alone. On a TP-sharded model (``bdlora.parallelize``) every rank must make the same calls in the
+same order: each call first checks that all ranks entered it, and fails on every rank, naming
+the missing ones, if some did not (``bdlora.parallel.mesh.check_in``).
+"""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
 from bdlora.config import BDLoraConfig
-from bdlora.layers import BDLoraLinear, init_factors
-from bdlora.parallel.comm import TPGroup, sum_over
-from bdlora.plan import ModulePlan, Plan, check_plan_tp, resolve_plan
+from bdlora.layers import BDLoraLinear, global_factor_shapes, init_factors
+from bdlora.plan import ModulePlan, resolve_plan
 from bdlora.roles import Role
-
-
-@dataclass
-class AdapterRecord:
-    """What ``save_adapter`` needs to write an adapter back out."""
-
-    config: BDLoraConfig
-    plan: Plan
+from bdlora.state import AdapterRecord, on_every_rank, release_, state_of
 
 
 def adapters_of(model: nn.Module) -> dict[str, AdapterRecord]:
-    return model.__dict__.setdefault("bdlora_adapters", {})
-
-
-def tp_state(model: nn.Module) -> tuple[TPGroup, str]:
-    """The TP group a model is sharded over and its sharding mode (``bdlora`` or ``slora``)."""
-    return model.__dict__.get("bdlora_tp", (TPGroup(None), "bdlora"))
+    """Adapter name -> config and plan (empty for a model without bdlora adapters)."""
+    return state_of(model).adapters
 
 
 def bdlora_layers(model: nn.Module) -> Iterator[tuple[str, BDLoraLinear]]:
@@ -48,14 +40,24 @@ def apply_bdlora(
     The whole config is resolved and validated first; no module changes if anything is wrong.
     All non-adapter parameters are frozen. With ``init=False`` the factors are left for a loader
     to fill. Calling it again with another name adds a second adapter (the first stays active).
+    Factors are drawn unsharded from the torch RNG and each rank keeps its shard, so equal seeds
+    give the same adapter at every TP degree.
+
+    Every rank: only on a TP-sharded model (``base_stats`` init all-reduces weight statistics).
     """
-    if adapter_name in adapters_of(model):
+    return on_every_rank(model, "apply_bdlora", add_adapter_, model, config, adapter_name, init)
+
+
+def add_adapter_(model: nn.Module, config: BDLoraConfig, adapter_name: str, init: bool = True) -> nn.Module:
+    """``apply_bdlora`` without the every-rank check, for callers already inside one."""
+    state = state_of(model)
+    if adapter_name in state.adapters:
         raise ValueError(f"adapter {adapter_name!r} already exists; pick another adapter_name")
-    tp, sharding = tp_state(model)
-    if sharding == "slora":  # the baseline trains dense LoRA
-        config = replace(config, nblocks=1)
+    if state.parallel is not None:
+        config = state.parallel.adapter_config(config)
     plan = resolve_plan(model, config)
-    check_plan_tp(plan, tp.size, sharding)
+    if state.parallel is not None:
+        state.parallel.check_plan(plan)
     for mp in plan.modules:
         _check_role(model.get_submodule(mp.name), mp)
     model.requires_grad_(False)
@@ -71,7 +73,7 @@ def apply_bdlora(
         raise
     finally:
         _thaw_active(model)
-    adapters_of(model)[adapter_name] = AdapterRecord(config, plan)
+    state_of(model, create=True).adapters[adapter_name] = AdapterRecord(config, plan)
     return model
 
 
@@ -90,21 +92,13 @@ def _remove_from_layers(model: nn.Module, adapter_name: str) -> None:
 
 def _init_adapter(layer: BDLoraLinear, adapter_name: str, mp: ModulePlan) -> None:
     """Initialise the unsharded factors, then keep this rank's shard: the same RNG draws at any TP."""
-    (shape_a, shape_b), _ = layer.factor_shapes(mp.rank, mp.nblocks)
+    shape_a, shape_b = global_factor_shapes(mp.role, mp.d_in, mp.d_out, mp.rank, mp.global_nblocks)
     w = layer.weight
     a_full = torch.empty(shape_a, dtype=w.dtype, device=w.device)
     b_full = torch.empty(shape_b, dtype=w.dtype, device=w.device)
-    base_std = global_std(w, layer.tp) if mp.settings.init == "base_stats" else 0.0
+    base_std = layer.weight_std() if mp.settings.init == "base_stats" else 0.0
     init_factors(a_full, b_full, mp.settings.init, base_std, mp.d_in)
     layer.set_factors(adapter_name, a_full, b_full)
-
-
-def global_std(w_local: torch.Tensor, tp: TPGroup) -> float:
-    """Standard deviation of the unsharded weight from its shards (one all-reduce at TP > 1)."""
-    w = w_local.detach().double()
-    stats = torch.stack([w.sum(), (w * w).sum(), w.new_tensor(float(w.numel()))])
-    total, sq, n = sum_over(stats, tp.group).tolist()
-    return math.sqrt(max(sq - total * total / n, 0.0) / (n - 1))
 
 
 def wrap_linear(model: nn.Module, name: str, role: Role) -> BDLoraLinear:
@@ -116,6 +110,7 @@ def wrap_linear(model: nn.Module, name: str, role: Role) -> BDLoraLinear:
     parent = model.get_submodule(parent_name) if parent_name else model
     layer = BDLoraLinear(module, role)
     setattr(parent, child, layer)
+    state_of(model, create=True)
     return layer
 
 
@@ -127,44 +122,81 @@ def _check_role(module: nn.Module, mp: ModulePlan) -> None:
         )
 
 
+def _known(model: nn.Module, adapter_name: str) -> None:
+    adapters = adapters_of(model)
+    if adapter_name not in adapters:
+        raise KeyError(f"no adapter {adapter_name!r}; have: {', '.join(adapters) or 'none'}")
+
+
 def set_adapter(model: nn.Module, adapter_name: str) -> None:
-    """Activate ``adapter_name`` on every layer that has it (others keep their active adapter)."""
-    if adapter_name not in adapters_of(model):
-        raise KeyError(f"no adapter {adapter_name!r}; have: {', '.join(adapters_of(model))}")
-    for _, layer in bdlora_layers(model):
-        if adapter_name in layer.lora_A:
-            layer.set_adapter(adapter_name)
+    """Activate ``adapter_name`` on every layer that has it (others keep their active adapter).
+
+    Every rank: only on a TP-sharded model.
+    """
+    _known(model, adapter_name)
+
+    def activate() -> None:
+        for _, layer in bdlora_layers(model):
+            if adapter_name in layer.lora_A:
+                layer.set_adapter(adapter_name)
+
+    on_every_rank(model, "set_adapter", activate)
 
 
 def delete_adapter(model: nn.Module, adapter_name: str) -> None:
-    if adapter_name not in adapters_of(model):
-        raise KeyError(f"no adapter {adapter_name!r}; have: {', '.join(adapters_of(model))}")
+    """Remove ``adapter_name`` (unmerging it first if merged). Every rank: only on a TP-sharded model."""
+    _known(model, adapter_name)
+
+    on_every_rank(model, "delete_adapter", remove_adapter_, model, adapter_name)
+
+
+def remove_adapter_(model: nn.Module, adapter_name: str) -> None:
+    """``delete_adapter`` without the every-rank check, for callers already inside one."""
     _remove_from_layers(model, adapter_name)
-    del adapters_of(model)[adapter_name]
+    adapters_of(model).pop(adapter_name, None)
 
 
 def merge_adapter(model: nn.Module, adapter_name: str | None = None) -> None:
-    """Fold the active (or named) adapter into the base weights; forward then skips it."""
-    if adapter_name is not None and adapter_name not in adapters_of(model):
-        raise KeyError(f"no adapter {adapter_name!r}; have: {', '.join(adapters_of(model))}")
-    for _, layer in bdlora_layers(model):
-        if adapter_name is None or adapter_name in layer.lora_A:
-            layer.merge(adapter_name)
+    """Fold the active (or named) adapter into the base weights; forward then skips it.
+
+    On a TP-sharded model each rank merges its own shard (no communication); every rank must call it.
+    """
+    if adapter_name is not None:
+        _known(model, adapter_name)
+
+    def merge() -> None:
+        for _, layer in bdlora_layers(model):
+            if adapter_name is None or adapter_name in layer.lora_A:
+                layer.merge(adapter_name)
+
+    on_every_rank(model, "merge_adapter", merge)
 
 
 def unmerge_adapter(model: nn.Module) -> None:
-    for _, layer in bdlora_layers(model):
-        layer.unmerge()
+    """Take every merged adapter back out of the base weights. Every rank: only on a TP-sharded model."""
+
+    def unmerge() -> None:
+        for _, layer in bdlora_layers(model):
+            layer.unmerge()
+
+    on_every_rank(model, "unmerge_adapter", unmerge)
 
 
 @contextmanager
 def disable_adapters(model: nn.Module) -> Iterator[None]:
-    """Run the base model alone inside the block; merged adapters are unmerged, then merged back."""
+    """Run the base model alone inside the block; merged adapters are unmerged, then merged back.
+
+    Every rank: only on a TP-sharded model (entering the block is the call).
+    """
     layers = [layer for _, layer in bdlora_layers(model)]
     merged = [list(layer.merged) for layer in layers]
-    for layer in layers:
-        layer.unmerge()
-        layer.disabled = True
+
+    def disable() -> None:
+        for layer in layers:
+            layer.unmerge()
+            layer.disabled = True
+
+    on_every_rank(model, "disable_adapters", disable)
     try:
         yield
     finally:
@@ -176,3 +208,25 @@ def disable_adapters(model: nn.Module) -> Iterator[None]:
 
 def adapter_parameters(model: nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Merge the active adapter into the base weights and put the plain linear layers back.
+
+    What remains is the transformers model alone: ``save_pretrained`` writes it under its original
+    weight names and ``from_pretrained`` loads it. Not on a TP-sharded model, whose weights are
+    shards (``bdlora export --format merged`` merges a trained run without gathering it). One
+    process; issues no collective.
+    """
+    state = state_of(model)
+    if state.sharded:
+        raise ValueError(
+            "merge_and_unload needs the full weights; the model is TP-sharded. Save the adapter with "
+            "bdlora.save_adapter and merge at TP 1, or use `bdlora export RUN_DIR --format merged`"
+        )
+    for name, layer in list(bdlora_layers(model)):
+        layer.merge()
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, layer.base_layer)
+    release_(model)
+    return model

@@ -14,18 +14,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from bdlora.config import BDLoraConfig, BDLoraConfigError
 from bdlora.fsutil import write_file_atomic
-from bdlora.layers import dense_factors
-from bdlora.model import adapters_of, apply_bdlora, delete_adapter
-from bdlora.parallel.mesh import on_all_ranks
-from bdlora.parallel.sharding import gather_factors
+from bdlora.layers import dense_factors, global_factor_shapes
+from bdlora.model import adapters_of, add_adapter_, remove_adapter_
 from bdlora.plan import ModulePlan, Plan
 from bdlora.roles import Role
+from bdlora.state import on_every_rank, state_of
 
 FORMATS = ("peft-bdlora", "peft-lora")
 CONFIG_NAME = "adapter_config.json"
@@ -102,7 +100,7 @@ def peft_config_dict(model: nn.Module, adapter_name: str, fmt: str) -> dict[str,
     if fmt == "peft-bdlora":
         bd_a, bd_b = _bd_lists(plan)
         kwargs["use_bdlora"] = BdLoraConfig(
-            target_modules_bd_a=bd_a, target_modules_bd_b=bd_b, nblocks=plan.nblocks
+            target_modules_bd_a=bd_a, target_modules_bd_b=bd_b, nblocks=plan.global_nblocks
         )
     out = LoraConfig(**kwargs).to_dict()
     for key in ("target_modules", "exclude_modules"):  # LoraConfig holds lists as sets
@@ -119,9 +117,9 @@ def adapter_tensors(model: nn.Module, adapter_name: str, fmt: str) -> dict[str, 
     plan = adapters_of(model)[adapter_name].plan
     out = {}
     for m in plan.modules:
-        a, b = gather_factors(model.get_submodule(m.name), adapter_name)
+        a, b = model.get_submodule(m.name).full_factors(adapter_name)
         if fmt == "peft-lora":
-            a, b = dense_factors(m.role, a, b, plan.nblocks)
+            a, b = dense_factors(m.role, a, b, plan.global_nblocks)
         out[f"{PREFIX}{m.name}.lora_A.weight"] = a.contiguous()
         out[f"{PREFIX}{m.name}.lora_B.weight"] = b.contiguous()
     return out
@@ -142,21 +140,23 @@ def save_adapter(
 ) -> Path:
     """Save one adapter in PEFT's format; ``peft.PeftModel.from_pretrained(base, directory)`` loads it.
 
-    A TP-sharded model is gathered first (call it on every rank); global rank 0 writes the files.
+    Not TP-sharded: the calling process writes, with no collective, so it may be called on one rank
+    alone (``if rank == 0: save_adapter(...)``). TP-sharded: every rank must call it; the factors are
+    gathered over TP and global rank 0 writes, the others returning once the files are complete.
     """
     if format not in FORMATS:
         raise ValueError(f"unknown format {format!r}; valid: {', '.join(FORMATS)}")
     adapter_name = adapter_name or _only_adapter(model)
-    config = peft_config_dict(model, adapter_name, format)
-    tensors = adapter_tensors(model, adapter_name, format)
-    # on_all_ranks: the other ranks wait for rank 0's write and see its error instead of hanging
-    on_all_ranks(lambda: write_adapter_files(directory, config, tensors) if is_writer() else None)
+    state = state_of(model)
+
+    def save() -> None:
+        config = peft_config_dict(model, adapter_name, format)
+        tensors = adapter_tensors(model, adapter_name, format)
+        if not state.sharded or state.parallel.is_writer():
+            write_adapter_files(directory, config, tensors)
+
+    on_every_rank(model, "save_adapter", save)
     return Path(directory)
-
-
-def is_writer() -> bool:
-    """Global rank 0 writes shared files; the others only take part in the gathers."""
-    return not dist.is_initialized() or dist.get_rank() == 0
 
 
 def _only_adapter(model: nn.Module) -> str:
@@ -177,15 +177,23 @@ def read_adapter_config(directory: str | Path) -> BDLoraConfig:
 
 
 def load_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "default") -> nn.Module:
-    """Load a PEFT LoRA or BD-LoRA adapter (written by bdlora or by PEFT) into ``model``."""
+    """Load a PEFT LoRA or BD-LoRA adapter (written by bdlora or by PEFT) into ``model``.
+
+    A TP-sharded model keeps each rank's shard of the factors. Every rank: only on a TP-sharded
+    model (reading issues no collective, but every rank must hold the same adapter).
+    """
+    return on_every_rank(model, "load_adapter", _load, model, Path(directory), adapter_name)
+
+
+def _load(model: nn.Module, directory: Path, adapter_name: str) -> nn.Module:
     config = read_adapter_config(directory)
-    tensors = _read_tensors(Path(directory), model)
-    apply_bdlora(model, config, adapter_name, init=False)
+    tensors = _read_tensors(directory, model)
+    add_adapter_(model, config, adapter_name, init=False)
     plan = adapters_of(model)[adapter_name].plan
     try:
         _copy_factors(model, plan, tensors, adapter_name, directory)
     except BDLoraConfigError:  # leave no half-loaded (uninitialised) adapter behind
-        delete_adapter(model, adapter_name)
+        remove_adapter_(model, adapter_name)
         raise
     return model
 
@@ -208,7 +216,7 @@ def _copy_factors(
     expected = set()
     for m in plan.modules:
         layer = model.get_submodule(m.name)
-        (shape_a, shape_b), _ = layer.factor_shapes(m.rank, plan.nblocks)
+        shape_a, shape_b = global_factor_shapes(m.role, m.d_in, m.d_out, m.rank, plan.global_nblocks)
         a = _take(tensors, f"{PREFIX}{m.name}.lora_A.weight", shape_a, m, directory)
         b = _take(tensors, f"{PREFIX}{m.name}.lora_B.weight", shape_b, m, directory)
         expected.update((f"{PREFIX}{m.name}.lora_A.weight", f"{PREFIX}{m.name}.lora_B.weight"))
@@ -228,6 +236,6 @@ def _take(tensors: dict, key: str, shape: tuple, m: ModulePlan, directory) -> to
     if tuple(value.shape) != tuple(shape):
         raise BDLoraConfigError(
             f"{directory}: tensor {key!r} has shape {tuple(value.shape)}, module {m.name!r} "
-            f"({m.role.value}, rank {m.rank}, nblocks {m.nblocks}) expects {tuple(shape)}"
+            f"({m.role.value}, rank {m.rank}, nblocks {m.global_nblocks}) expects {tuple(shape)}"
         )
     return value

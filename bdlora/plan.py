@@ -23,7 +23,7 @@ class ModulePlan:
     d_in: int
     d_out: int
     settings: ModuleSettings
-    nblocks: int
+    global_nblocks: int  # blocks of the unsharded adapter (the config's nblocks)
 
     @property
     def rank(self) -> int:
@@ -33,8 +33,8 @@ class ModulePlan:
     def params(self) -> int:
         """BD-LoRA: r (d_in + d_out/N) for column layers, r (d_in/N + d_out) for row layers."""
         if self.role is Role.COLUMN:
-            return self.rank * (self.d_in + self.d_out // self.nblocks)
-        return self.rank * (self.d_in // self.nblocks + self.d_out)
+            return self.rank * (self.d_in + self.d_out // self.global_nblocks)
+        return self.rank * (self.d_in // self.global_nblocks + self.d_out)
 
     @property
     def lora_params(self) -> int:
@@ -48,9 +48,9 @@ class ModulePlan:
 
 @dataclass
 class Plan:
-    """The resolved adapter layout of one model and config."""
+    """The resolved adapter layout of one model and config (sizes unsharded, as in the config)."""
 
-    nblocks: int
+    global_nblocks: int
     modules: list[ModulePlan]
     excluded: list[tuple[str, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -85,7 +85,7 @@ class Plan:
                 group_name,
                 m.role.value,
                 m.role_source,
-                f"{m.role.bd_factor} (N={self.nblocks})",
+                f"{m.role.bd_factor} (N={self.global_nblocks})",
                 str(m.rank),
                 f"{m.settings.alpha:g}",
                 m.settings.init,
@@ -170,7 +170,7 @@ def _linear_sizes(module: nn.Module) -> tuple[int, int] | None:
 def resolve_plan(model: nn.Module, config: BDLoraConfig) -> Plan:
     """Match every module of ``model`` against ``config``; all validation errors raise here."""
     tp_plan = getattr(getattr(model, "config", None), "base_model_tp_plan", None)
-    plan = Plan(nblocks=config.nblocks, modules=[])
+    plan = Plan(global_nblocks=config.nblocks, modules=[])
     targeted: list[str] = []
     for name, module in model.named_modules():
         if not name or not config.is_target(name) or _is_adapter_part(name):
@@ -249,14 +249,16 @@ def _example_linear(model: nn.Module) -> str:
     return "<none>"
 
 
-def check_plan_tp(plan: Plan, tp: int, sharding: str = "bdlora") -> None:
-    """Every adapter factor must split evenly over ``tp`` ranks, blocks aligned with the base shards."""
+def check_plan_tp(plan: Plan, tp: int, whole_blocks: bool = True) -> None:
+    """Every adapter factor must split evenly over ``tp`` ranks; with ``whole_blocks`` (BD-LoRA)
+    each rank holds whole blocks, aligned with its base shard."""
     if tp == 1:
         return
-    if sharding == "bdlora" and plan.nblocks % tp:
+    if whole_blocks and plan.global_nblocks % tp:
+        n = plan.global_nblocks
         raise BDLoraConfigError(
-            f"nblocks={plan.nblocks} is not divisible by the TP degree {tp}: each rank must hold whole "
-            f"blocks. Use nblocks among multiples of {tp} (e.g. {tp}, {2 * tp}) or tp dividing {plan.nblocks}"
+            f"nblocks={n} is not divisible by the TP degree {tp}: each rank must hold whole "
+            f"blocks. Use nblocks among multiples of {tp} (e.g. {tp}, {2 * tp}) or tp dividing {n}"
         )
     for m in plan.modules:
         if m.rank % tp:

@@ -1,4 +1,4 @@
-"""Peak memory of ``bdlora.parallel.loading.from_pretrained`` per rank, at TP 1 and TP 2.
+"""Peak memory of ``bdlora.from_pretrained`` per rank, at TP 1 and TP 2.
 
 The launcher saves a seeded Llama (safetensors, ~270 MB fp32 by default) to a temporary directory,
 then starts one torchrun job per TP degree (``python -m torch.distributed.run``, so torchrun need not
@@ -41,7 +41,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, LlamaForCausalLM
 from transformers.utils.logging import disable_progress_bar
 
 from bdlora import BDLoraConfig
-from bdlora.parallel.loading import from_pretrained
+from bdlora.parallel import from_pretrained
 from bdlora.parallel.mesh import ParallelDims, build_mesh, init_distributed
 from bdlora.parallel.sharding import tp_linears
 from bdlora.presets import llama_config

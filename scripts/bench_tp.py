@@ -34,14 +34,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
 from transformers import LlamaForCausalLM
 
 from bdlora import BDLoraConfig, apply_bdlora
 from bdlora.model import adapters_of, bdlora_layers
+from bdlora.parallel import ParallelDims, build_mesh, init_distributed, parallelize
 from bdlora.parallel.accounting import CommCounter, slora_extra_bytes
-from bdlora.parallel.comm import TPGroup
-from bdlora.parallel.mesh import ParallelDims, build_mesh, init_distributed, tp_of_mesh
-from bdlora.parallel.sharding import shard_model_
+from bdlora.parallel.mesh import tp_of_mesh
 from bdlora.presets import llama_config
 
 MODES = ("base", "bdlora", "slora")
@@ -126,16 +126,16 @@ def print0(*args, **kwargs) -> None:
         print(*args, **kwargs, flush=True)
 
 
-def build_model(args: BenchArgs, mode: str, tp: TPGroup) -> nn.Module:
-    """A seeded Llama (equal base weights in every mode), sharded over ``tp``, with ``mode``'s adapter."""
+def build_model(args: BenchArgs, mode: str, mesh: DeviceMesh) -> nn.Module:
+    """A seeded Llama (equal base weights in every mode) on ``mesh``, with ``mode``'s adapter."""
     config = llama_config(
         args.hidden, args.intermediate, args.layers, args.heads, args.vocab, max(args.seq, 128)
     )
     torch.manual_seed(args.seed)
     model = LlamaForCausalLM(config).train()
-    shard_model_(model, tp, "slora" if mode == "slora" else "bdlora")
+    parallelize(model, mesh, sharding="slora" if mode == "slora" else "bdlora")
     if mode != "base":
-        apply_bdlora(model, BDLoraConfig(rank=args.rank, alpha=2 * args.rank, nblocks=tp.size))
+        apply_bdlora(model, BDLoraConfig(rank=args.rank, alpha=2 * args.rank, nblocks=mesh.size()))
     model.model.embed_tokens.weight.requires_grad_(True)  # backward reaches every block's input
     return model
 
@@ -242,7 +242,8 @@ def run(args: BenchArgs) -> None:
     torch.set_num_threads(1)
     if args.tp is not None and args.tp != world:
         raise SystemExit(f"--tp {args.tp} but torchrun started {world} ranks; drop --tp or match them")
-    tp = tp_of_mesh(build_mesh(ParallelDims(world, tp=world)))
+    mesh = build_mesh(ParallelDims(world, tp=world))
+    tp = tp_of_mesh(mesh)
     print0("$ " + launch_command())
     print0(
         f"torch {torch.__version__}, gloo, CPU, {world} ranks x 1 thread, fp32; llama hidden={args.hidden} "
@@ -250,7 +251,7 @@ def run(args: BenchArgs) -> None:
         f"batch={args.batch} seq={args.seq}; rank={args.rank} alpha={2 * args.rank} nblocks={world}; "
         f"steps={args.steps} warmup={args.warmup}"
     )
-    models = {mode: build_model(args, mode, tp) for mode in MODES}
+    models = {mode: build_model(args, mode, mesh) for mode in MODES}
     generator = torch.Generator().manual_seed(args.seed + 1)
     tokens = torch.randint(args.vocab, (args.batch, args.seq), generator=generator)  # (B, T), every rank
     comm = {mode: count_step(models[mode], tokens, tp.group) for mode in MODES}

@@ -9,9 +9,9 @@ from torch.profiler import ProfilerActivity, profile
 
 from bdlora import BDLoraConfig, apply_bdlora
 from bdlora.model import adapters_of
+from bdlora.parallel import ParallelDims, build_mesh, parallelize
 from bdlora.parallel.accounting import CommCounter, slora_extra_bytes
-from bdlora.parallel.comm import TPGroup
-from bdlora.parallel.sharding import shard_model_
+from bdlora.parallel.parallelize import tp_of
 from tests.conftest import tiny_model
 from tests.distributed import run_distributed
 
@@ -22,10 +22,10 @@ SEQ, BATCH = 16, 2
 
 def one_step(mode: str) -> dict:
     """Shard tiny-llama ('base': no adapter), run one training step under the counter."""
-    tp = TPGroup.from_group(dist.group.WORLD)
+    mesh = build_mesh(ParallelDims(dist.get_world_size(), tp=dist.get_world_size()))
     model = tiny_model("tiny-llama").train()
-    sharding = "slora" if mode == "slora" else "bdlora"
-    shard_model_(model, tp, sharding)
+    parallelize(model, mesh, sharding="slora" if mode == "slora" else "bdlora")
+    tp = tp_of(model)
     if mode != "base":
         apply_bdlora(model, BDLoraConfig(rank=8, alpha=16, nblocks=tp.size))
     # the same backward graph in every mode: gradients reach the first block's input

@@ -262,7 +262,8 @@ def test_role_override_round_trips_as_a_role(tiny_llama):
 def bdlora_layout(model: nn.Module, lora_config: LoraConfig) -> dict[str, tuple | None]:
     plan = resolve_plan(model, BDLoraConfig.from_peft(lora_config))
     return {
-        m.name: (m.rank, float(m.settings.alpha), m.role if plan.nblocks > 1 else None) for m in plan.modules
+        m.name: (m.rank, float(m.settings.alpha), m.role if plan.global_nblocks > 1 else None)
+        for m in plan.modules
     }
 
 

@@ -20,9 +20,8 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from bdlora import BDLoraConfig, apply_bdlora, load_adapter, merge_adapter
 from bdlora.cli import main
+from bdlora.parallel import parallelize
 from bdlora.parallel.checkpoint import save_sharded_adapter
-from bdlora.parallel.comm import TPGroup
-from bdlora.parallel.sharding import shard_model_
 from bdlora.presets import build_model
 from bdlora.train import export as export_mod
 from bdlora.train.checkpoint import COMPLETE, STATE, step_dir_name
@@ -172,7 +171,7 @@ def test_merge_streaming_keeps_a_bf16_source_bf16(path_run, tmp_path):
 
 
 def test_slora_checkpoint_exports_as_dense_lora(tmp_path):
-    model = shard_model_(tiny_model(), TPGroup(None), "slora")
+    model = parallelize(tiny_model(), sharding="slora")
     run = write_run(tmp_path / "run", adapted(model), ModelConfig())
     export(run.run_dir, "peft-lora", tmp_path / "lora")
     peft_model = PeftModel.from_pretrained(tiny_model(), tmp_path / "lora").eval()

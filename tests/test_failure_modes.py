@@ -8,9 +8,8 @@ import torch
 import bdlora.model
 from bdlora import BDLoraConfig, BDLoraConfigError, apply_bdlora, merge_adapter, set_adapter
 from bdlora.model import adapters_of, bdlora_layers
+from bdlora.parallel import parallelize
 from bdlora.parallel.checkpoint import load_sharded_adapter, save_sharded_adapter, shard_file_name
-from bdlora.parallel.comm import TPGroup
-from bdlora.parallel.sharding import shard_model_
 from tests.conftest import logits, randomize_lora_b, tiny_model
 
 
@@ -59,7 +58,7 @@ def test_merging_an_adapter_on_some_layers_only(input_ids):
 @pytest.fixture
 def slora_checkpoint(tmp_path):
     model = tiny_model()
-    shard_model_(model, TPGroup(None), "slora")
+    parallelize(model, sharding="slora")
     apply_bdlora(model, BDLoraConfig(rank=4, nblocks=2))
     save_sharded_adapter(model, tmp_path)
     return tmp_path
@@ -75,7 +74,7 @@ def test_sharded_load_of_the_wrong_sharding_changes_nothing(slora_checkpoint):
 def test_sharded_load_with_a_missing_shard_leaves_no_adapter(slora_checkpoint):
     (slora_checkpoint / shard_file_name("adapter", 0, 1)).unlink()
     model = tiny_model()
-    shard_model_(model, TPGroup(None), "slora")
+    parallelize(model, sharding="slora")
     with pytest.raises(FileNotFoundError, match="incomplete sharded checkpoint"):
         load_sharded_adapter(model, slora_checkpoint)
     assert not adapters_of(model) and not adapter_names_on_layers(model)

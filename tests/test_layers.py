@@ -80,7 +80,7 @@ def fill_random(layer: BDLoraLinear, name: str, seed: int) -> None:
 
 def dense_factors(layer: BDLoraLinear, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(A, B) as dense LoRA matrices, the packed factor expanded with torch.block_diag."""
-    a, b, n = layer.lora_A[name].detach(), layer.lora_B[name].detach(), layer.nblocks[name]
+    a, b, n = layer.lora_A[name].detach(), layer.lora_B[name].detach(), layer.local_nblocks[name]
     if layer.role is Role.COLUMN:
         return a, torch.block_diag(*b.chunk(n, 0))
     return torch.block_diag(*a.chunk(n, 0)), b

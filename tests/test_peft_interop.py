@@ -82,7 +82,7 @@ def test_load_adapter_reproduces_logits(model_name, fmt, tmp_path, input_ids):
     loaded = load_adapter(tiny_model(model_name), tmp_path)
     assert_close(logits(loaded, input_ids), logits(model, input_ids), **ATOL)
     plan = adapters_of(loaded)["default"].plan
-    assert plan.nblocks == (2 if fmt == "peft-bdlora" else 1)
+    assert plan.global_nblocks == (2 if fmt == "peft-bdlora" else 1)
     assert EXCLUDED not in plan.names
     assert {m.name: m.rank for m in plan.modules} == {
         m.name: m.rank for m in adapters_of(model)["default"].plan.modules

@@ -6,12 +6,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from bdlora import BDLoraConfig, apply_bdlora, save_adapter
-from bdlora.layers import factor_shard_dims
+from bdlora import BDLoraConfig, apply_bdlora, parallelize, save_adapter
 from bdlora.model import adapter_parameters, bdlora_layers
-from bdlora.parallel.comm import TPGroup
-from bdlora.parallel.mesh import ParallelDims, build_mesh, tp_of_mesh
-from bdlora.parallel.sharding import allreduce_adapter_grads, gather_factors, shard_model_
+from bdlora.parallel.mesh import ParallelDims, build_mesh
 from tests.conftest import randomize_lora_b, tiny_model
 from tests.distributed import run_distributed
 
@@ -46,7 +43,7 @@ def gathered_adapter(model) -> dict[str, torch.Tensor]:
     out = {}
     for name, layer in bdlora_layers(model):
         for adapter in layer.lora_A:
-            a, b = gather_factors(layer, adapter)
+            a, b = layer.full_factors(adapter)
             out[f"{name}.lora_A.{adapter}"], out[f"{name}.lora_B.{adapter}"] = a, b
     return out
 
@@ -55,25 +52,26 @@ def gathered_grads(model) -> dict[str, torch.Tensor]:
     """Adapter gradients, all-gathered over TP along each factor's shard dimension."""
     out = {}
     for name, layer in bdlora_layers(model):
-        dims = factor_shard_dims(layer.role, layer.sharding)
+        style = layer.tp_style
+        dims = style.factor_dims[layer.role] if style is not None else (None, None)
         for factor, dim in zip(("lora_A", "lora_B"), dims):
             for adapter, param in getattr(layer, factor).items():
                 grad = param.grad.contiguous()
-                if dim is not None and layer.tp.size > 1:
-                    parts = [torch.empty_like(grad) for _ in range(layer.tp.size)]
-                    dist.all_gather(parts, grad, group=layer.tp.group)
+                if dim is not None:
+                    parts = [torch.empty_like(grad) for _ in range(style.tp.size)]
+                    dist.all_gather(parts, grad, group=style.tp.group)
                     grad = torch.cat(parts, dim)
                 out[f"{name}.{factor}.{adapter}"] = grad
     return out
 
 
 def train_steps(model, ids, labels, dp_group=None, steps: int = STEPS) -> list[float]:
+    """AdamW steps; under DP, ``parallelize``'s hook has averaged the gradients by backward's end."""
     opt = torch.optim.AdamW(adapter_parameters(model), lr=LR)
     losses = []
     for _ in range(steps):
         loss = model(input_ids=ids, labels=labels).loss
         loss.backward()
-        allreduce_adapter_grads(model, dp_group)
         opt.step()
         opt.zero_grad(set_to_none=True)
         if dp_group is not None:
@@ -88,8 +86,7 @@ def sharded_run(tp: int, out_dir: str) -> dict:
     """On every rank: shard, compare logits/grads, train ten steps, save the gathered adapter."""
     mesh = build_mesh(ParallelDims(dist.get_world_size(), tp=tp))
     dp_rank, dp_size = mesh.get_local_rank("dp"), mesh.size(0)
-    model = reference_model()
-    shard_model_(model, tp_of_mesh(mesh))
+    model = parallelize(reference_model(), mesh)
     ids, labels = batch()
     out = model(input_ids=ids, labels=labels)
     out.loss.backward()
@@ -152,7 +149,8 @@ def reference_variant(variant: str):
 
 def variant_run(variant: str) -> dict:
     model = reference_variant(variant)
-    shard_model_(model, TPGroup.from_group(dist.group.WORLD), "slora" if variant == "slora" else "bdlora")
+    mesh = build_mesh(ParallelDims(dist.get_world_size(), tp=dist.get_world_size()))
+    parallelize(model, mesh, sharding="slora" if variant == "slora" else "bdlora")
     ids, labels = batch()
     out = model(input_ids=ids, labels=labels)
     out.loss.backward()

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.distributed as dist
 
 from bdlora import BDLoraConfig, BDLoraConfigError, apply_bdlora, load_adapter, save_adapter
 from bdlora.model import adapter_parameters
+from bdlora.parallel import parallelize
 from bdlora.parallel.checkpoint import load_sharded_adapter, save_sharded_adapter
-from bdlora.parallel.comm import TPGroup
 from bdlora.parallel.loading import from_pretrained
 from bdlora.parallel.mesh import ParallelDims, build_mesh, on_all_ranks
-from bdlora.parallel.sharding import check_model_tp, shard_model_
+from bdlora.parallel.sharding import check_model_tp, tp_linears
 from bdlora.presets import build_model
 from tests.conftest import randomize_lora_b, tiny_model
 from tests.distributed import run_distributed
@@ -41,11 +43,51 @@ def mesh_for(tp: int):
     return build_mesh(ParallelDims(dist.get_world_size(), tp=tp))
 
 
+class CountingFile:
+    """A ``safe_open`` handle that adds up the bytes of every tensor or slice read through it."""
+
+    def __init__(self, handle, requested: dict[str, int]) -> None:
+        self.handle, self.requested = handle, requested
+
+    def __enter__(self):
+        self.handle.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.handle.__exit__(*exc)
+
+    def keys(self):
+        return self.handle.keys()
+
+    def get_tensor(self, key: str) -> torch.Tensor:
+        return self._count(key, self.handle.get_tensor(key))
+
+    def get_slice(self, key: str):
+        view, count = self.handle.get_slice(key), self._count
+
+        class Slice:
+            def get_shape(self):
+                return view.get_shape()
+
+            def __getitem__(self, index):
+                return count(key, view[index])
+
+        return Slice()
+
+    def _count(self, key: str, tensor: torch.Tensor) -> torch.Tensor:
+        self.requested[key] = self.requested.get(key, 0) + tensor.numel() * tensor.element_size()
+        return tensor
+
+
 def load_sharded(model_dir: str, adapter_dir: str, tp: int) -> dict:
+    from bdlora.parallel import loading
+
+    requested: dict[str, int] = {}
+    real_open = loading.safe_open
+    loading.safe_open = lambda path, framework: CountingFile(real_open(path, framework=framework), requested)
     model = from_pretrained(model_dir, adapter_dir=adapter_dir, mesh=mesh_for(tp)).eval()
-    local = sum(p.numel() * p.element_size() for p in model.parameters())
     with torch.no_grad():
-        return {"logits": model(input_ids=IDS).logits, "param_bytes": local}
+        return {"logits": model(input_ids=IDS).logits, "requested": requested}
 
 
 def train_and_save_sharded(model_dir: str, ckpt_dir: str, tp: int) -> torch.Tensor:
@@ -71,16 +113,22 @@ def resume_sharded(model_dir: str, ckpt_dir: str, tp: int) -> torch.Tensor:
 
 @pytest.mark.slow
 def test_from_pretrained_reads_only_local_slices(model_dir, adapter_dir):
+    from safetensors import safe_open
+
     reference = build_model(model_dir)
-    full_bytes = sum(p.numel() * p.element_size() for p in reference.parameters())
     load_adapter(reference, adapter_dir)
     with torch.no_grad():
         expected = reference(input_ids=IDS).logits
+    sharded = {f"{name}.weight" for name, _ in tp_linears(reference)}
+    with safe_open(str(Path(model_dir) / "model.safetensors"), "pt") as f:
+        sizes = {k: f.get_slice(k).get_shape() for k in f.keys()}  # noqa: SIM118
+    stored = {k: 4 * int(torch.Size(shape).numel()) for k, shape in sizes.items()}  # fp32
     results = run_distributed(load_sharded, 2, model_dir, adapter_dir, 2)
     for res in results:
         torch.testing.assert_close(res["logits"], expected, atol=1e-5, rtol=1e-5)
-        # each rank holds half of every sharded linear; embeddings and lm_head stay replicated
-        assert res["param_bytes"] < full_bytes
+        # every TP-planned projection: exactly half of it; everything else (embedding, norms): whole
+        assert res["requested"] == {k: v // 2 if k in sharded else v for k, v in stored.items()}
+        assert sum(res["requested"].values()) < sum(stored.values())
 
 
 @pytest.mark.slow
@@ -127,7 +175,7 @@ def test_single_rank_shard_is_identity(input_ids):
     randomize_lora_b(model)
     with torch.no_grad():
         expected = model(input_ids=input_ids).logits
-    shard_model_(model, TPGroup(None))
+    parallelize(model)
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=input_ids).logits, expected)
 

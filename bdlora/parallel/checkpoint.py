@@ -4,7 +4,7 @@ A directory holds ``adapter-tp{i}-of-{t}.safetensors`` for every TP rank ``i`` p
 ``bdlora_shards.json`` (the config, ``t`` and the sharding mode); the trainer adds optimizer state
 as ``optim-tp{i}-of-{t}.safetensors`` the same way. It reloads at any TP degree that divides
 ``nblocks``: each tensor is the concatenation of its shards along its shard dimension
-(``bdlora.layers.factor_shard_dims``), and the new rank keeps its own slice of that.
+(``bdlora.parallel.styles``), and the new rank keeps its own slice of that.
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ from torch import nn
 
 from bdlora.config import BDLoraConfig, BDLoraConfigError
 from bdlora.fsutil import write_file_atomic
-from bdlora.layers import BDLoraLinear, factor_shard_dims
-from bdlora.model import adapters_of, apply_bdlora, delete_adapter, tp_state
+from bdlora.layers import BDLoraLinear
+from bdlora.model import adapters_of, add_adapter_, remove_adapter_
+from bdlora.parallel.parallelize import sharding_of, tp_of
 
 META_NAME = "bdlora_shards.json"
 FACTORS = ("lora_A", "lora_B")
@@ -65,9 +66,10 @@ def unshard(shards: list, key: str, dim: int | None) -> torch.Tensor:
 
 def factor_items(model: nn.Module, adapter_name: str) -> Iterator[tuple[str, BDLoraLinear, str, int | None]]:
     """(shard key ``<module>.<factor>``, layer, factor, shard dim) for every factor of an adapter."""
+    dims = sharding_of(model).factor_dims
     for m in adapters_of(model)[adapter_name].plan.modules:
         layer = model.get_submodule(m.name)
-        for factor, dim in zip(FACTORS, factor_shard_dims(layer.role, layer.sharding)):
+        for factor, dim in zip(FACTORS, dims[layer.role]):
             yield f"{m.name}.{factor}", layer, factor, dim
 
 
@@ -77,7 +79,7 @@ def save_sharded_adapter(
     """Write this TP rank's shard (``write=False`` on DP replicas that hold the same shard)."""
     if not write:
         return
-    tp, sharding = tp_state(model)
+    tp, sharding = tp_of(model), sharding_of(model).name
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {key: getattr(layer, f)[adapter_name] for key, layer, f, _ in factor_items(model, adapter_name)}
@@ -121,7 +123,7 @@ def restore_adapter_(model: nn.Module, directory: str | Path, adapter_name: str 
 
 
 def _check_sharding(meta: dict, model: nn.Module, directory) -> None:
-    _, sharding = tp_state(model)
+    sharding = sharding_of(model).name
     if meta["sharding"] != sharding:
         raise BDLoraConfigError(
             f"{directory} holds a {meta['sharding']!r}-sharded adapter; the model is sharded {sharding!r}"
@@ -132,9 +134,9 @@ def load_sharded_adapter(model: nn.Module, directory: str | Path, adapter_name: 
     """Add ``adapter_name`` from a sharded checkpoint written at any TP degree dividing ``nblocks``."""
     meta = read_shard_meta(directory)
     _check_sharding(meta, model, directory)
-    apply_bdlora(model, BDLoraConfig.from_dict(meta["config"]), adapter_name, init=False)
+    add_adapter_(model, BDLoraConfig.from_dict(meta["config"]), adapter_name, init=False)
     try:
         restore_adapter_(model, directory, adapter_name)
     except BaseException:  # leave no adapter of uninitialised factors behind
-        delete_adapter(model, adapter_name)
+        remove_adapter_(model, adapter_name)
         raise

@@ -1,4 +1,4 @@
-"""Every collective bdlora issues: TP mappings as named autograd functions, then bookkeeping.
+"""Collectives: TP mappings as named autograd functions, then bookkeeping reductions.
 
 Megatron's mappings: ``copy_to_tp`` ("f": forward identity, backward all-reduce) sits where a
 replicated activation enters column-parallel layers; ``reduce_from_tp`` ("g": forward all-reduce,
@@ -92,7 +92,17 @@ def gather_from_tp(x: torch.Tensor, tp: TPGroup) -> torch.Tensor:
 
 
 # Outside autograd: collectives of bookkeeping (init statistics, checkpoint gathers, gradient sync,
-# metrics). Each runs on every rank of ``group`` and returns the same result on all of them.
+# metrics, the run directory). Each runs on every rank of ``group`` and returns the same result on
+# all of them.
+
+
+def broadcast_object(obj, src: int = 0):
+    """``obj`` from global rank ``src`` on every rank (picklable objects; a no-op in a world of one)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
 
 
 def sum_over(tensor: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """Build a TP-sharded model without ever materialising the full weights on any rank.
 
-The model is built on the meta device, sharded structurally, allocated at its local size, and each
+The model is built on the meta device, ``bdlora.parallelize``d, allocated at its local size, and each
 rank reads only its own slices of the safetensors files (``safe_open(...).get_slice``).
 """
 
@@ -15,46 +15,54 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from bdlora.config import BDLoraConfig
-from bdlora.layers import BDLoraLinear, base_shard_dims
+from bdlora.layers import BDLoraLinear
 from bdlora.model import apply_bdlora
-from bdlora.parallel.comm import TPGroup
-from bdlora.parallel.mesh import on_all_ranks, tp_of_mesh
-from bdlora.parallel.sharding import shard_model_
-from bdlora.plan import check_plan_tp, resolve_plan
+from bdlora.parallel.mesh import on_all_ranks
+from bdlora.parallel.parallelize import parallelize
+from bdlora.state import state_of
 
 
 def from_pretrained(
     model_dir: str | Path,
     adapter_config: BDLoraConfig | None = None,
+    *,
     mesh: DeviceMesh | None = None,
     dtype: torch.dtype = torch.float32,
     sharding: str = "bdlora",
     adapter_dir: str | Path | None = None,
+    activation_checkpointing: bool = False,
     device: str | torch.device = "cpu",
     seed: int = 0,
 ) -> nn.Module:
-    """A causal LM from ``model_dir`` (safetensors), sharded over ``mesh['tp']``, with an adapter.
+    """A causal LM from a local Hugging Face directory (safetensors), parallelized over ``mesh``.
 
-    ``adapter_config`` adds a fresh adapter (seeded: the same factors at every TP degree);
-    ``adapter_dir`` loads a PEFT-format adapter instead. Every check runs before any weight is read.
+    The model is built on the meta device, ``bdlora.parallelize``d (``sharding``,
+    ``activation_checkpointing``), allocated at its local size, and each rank reads only its own
+    slices of the checkpoint. ``adapter_config`` adds a fresh adapter, seeded by ``seed`` so every
+    TP degree draws the same factors; ``adapter_dir`` loads a PEFT-format adapter instead. Every
+    check (paths, TP degree, the adapter's patterns) runs before any weight is read.
+
+    Every rank must call it (with ``mesh=None``: one process).
     """
-    tp = tp_of_mesh(mesh)
-    model = on_all_ranks(_build_meta, Path(model_dir), adapter_config, adapter_dir, tp, dtype, sharding)
+    layout = dict(sharding=sharding, activation_checkpointing=activation_checkpointing)
+    model = on_all_ranks(_build_meta, Path(model_dir), adapter_config, adapter_dir, mesh, dtype, layout)
     model.to_empty(device=device)
-    on_all_ranks(_load_base, model, Path(model_dir), tp, dtype)
+    on_all_ranks(_load_base, model, Path(model_dir), dtype)
     _reset_non_persistent_buffers(model, device)
     if adapter_dir is not None:
         from bdlora.peft_io import load_adapter
 
-        on_all_ranks(load_adapter, model, adapter_dir)
+        load_adapter(model, adapter_dir)
     elif adapter_config is not None:
         torch.manual_seed(seed)
         apply_bdlora(model, adapter_config)
     return model
 
 
-def _build_meta(model_dir: Path, adapter_config, adapter_dir, tp: TPGroup, dtype, sharding: str):
+def _build_meta(model_dir: Path, adapter_config, adapter_dir, mesh, dtype, layout: dict) -> nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    from bdlora.plan import resolve_plan
 
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"{model_dir}: no config.json; expected a Hugging Face model directory")
@@ -63,13 +71,14 @@ def _build_meta(model_dir: Path, adapter_config, adapter_dir, tp: TPGroup, dtype
     config = AutoConfig.from_pretrained(model_dir)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    model = shard_model_(model, tp, sharding)  # validates TP against heads and dimensions first
+    parallelize(model, mesh, **layout)  # validates TP against heads and dimensions first
     if adapter_dir is not None:
         from bdlora.peft_io import read_adapter_config
 
         adapter_config = read_adapter_config(adapter_dir)
     if adapter_config is not None:  # resolve now so a bad pattern fails before any read
-        check_plan_tp(resolve_plan(model, adapter_config), tp.size, sharding)
+        parallel = state_of(model).parallel
+        parallel.check_plan(resolve_plan(model, parallel.adapter_config(adapter_config)))
     return model
 
 
@@ -83,14 +92,14 @@ def weight_files(model_dir: Path) -> list[Path]:
 
 def _shard_dim(module: nn.Module, param_name: str) -> int | None:
     """Which dim of a checkpoint tensor this rank slices (None: it reads all of it)."""
-    if not isinstance(module, BDLoraLinear) or module.tp.size == 1:
+    if not isinstance(module, BDLoraLinear) or module.tp_style is None:
         return None
-    weight_dim, bias_dim = base_shard_dims(module.role)
+    weight_dim, bias_dim = module.tp_style.base_dims[module.role]
     return weight_dim if param_name == "weight" else bias_dim
 
 
 @torch.no_grad()
-def _load_base(model: nn.Module, model_dir: Path, tp: TPGroup, dtype: torch.dtype) -> None:
+def _load_base(model: nn.Module, model_dir: Path, dtype: torch.dtype) -> None:
     """Copy each rank's slice of every base weight from the checkpoint into the local tensors.
 
     safetensors slices are views into an mmap of the whole file, and a column slice (rowwise layers)
@@ -111,9 +120,10 @@ def _load_base(model: nn.Module, model_dir: Path, tp: TPGroup, dtype: torch.dtyp
                 missing.append(key)
             continue
         owner_name, _, p_name = key.rpartition(".")
-        dim = _shard_dim(model.get_submodule(owner_name), p_name)
+        owner = model.get_submodule(owner_name)
+        dim = _shard_dim(owner, p_name)
         with safe_open(str(where[key]), framework="pt") as handle:
-            tensor.data.copy_(_read_slice(handle, key, dim, tp).to(dtype))
+            tensor.data.copy_(_read_slice(handle, key, dim, _tp_of(owner)).to(dtype))
     if missing:
         raise KeyError(f"{model_dir}: checkpoint lacks {len(missing)} weights, e.g. {missing[:3]}")
     model.tie_weights()
@@ -123,12 +133,18 @@ def _is_tied(model: nn.Module, key: str) -> bool:
     return key == "lm_head.weight" and getattr(model.config, "tie_word_embeddings", False)
 
 
-def _read_slice(handle, key: str, dim: int | None, tp: TPGroup) -> torch.Tensor:
+def _tp_of(module: nn.Module) -> tuple[int, int]:
+    style = getattr(module, "tp_style", None)
+    return (0, 1) if style is None else (style.tp.rank, style.tp.size)
+
+
+def _read_slice(handle, key: str, dim: int | None, tp: tuple[int, int]) -> torch.Tensor:
     view = handle.get_slice(key)
     if dim is None:
         return view[:]
-    size = view.get_shape()[dim] // tp.size
-    start = tp.rank * size
+    rank, world = tp
+    size = view.get_shape()[dim] // world
+    start = rank * size
     return view[start : start + size] if dim == 0 else view[:, start : start + size]
 
 

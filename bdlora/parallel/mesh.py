@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import tempfile
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -104,3 +106,52 @@ def on_all_ranks(fn, *args, **kwargs):
     if error is not None:
         raise error
     return result
+
+
+# How long a rank waits in ``check_in`` for the others before failing; seconds.
+CALL_TIMEOUT_ENV = "BDLORA_CALL_TIMEOUT"
+DEFAULT_CALL_TIMEOUT = 300.0
+_CALLS = itertools.count(1)  # every rank makes bdlora's every-rank calls in the same order
+
+
+class MissingRanksError(RuntimeError):
+    """An every-rank call that some ranks did not make within the timeout."""
+
+
+def call_timeout() -> float:
+    value = os.environ.get(CALL_TIMEOUT_ENV, str(DEFAULT_CALL_TIMEOUT))
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if seconds <= 0:
+        raise ValueError(f"{CALL_TIMEOUT_ENV}={value!r}: give a positive number of seconds")
+    return seconds
+
+
+def check_in(op: str, timeout: float | None = None) -> None:
+    """Wait until every rank of the job has entered ``op``; fail naming the ranks that did not.
+
+    Each rank sets a key in the process group's store (no collective, so a rank that never calls
+    ``op`` cannot leave the others blocked inside one) and waits for the others' keys. Calls are
+    numbered per process, so every rank must make its every-rank calls in the same order.
+    """
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    timeout = call_timeout() if timeout is None else timeout
+    store = dist.distributed_c10d._get_default_store()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    prefix = f"bdlora/{next(_CALLS)}/{op}"
+    store.set(f"{prefix}/{rank}", "in")
+    keys = [f"{prefix}/{r}" for r in range(world)]
+    try:
+        store.wait(keys, timedelta(seconds=timeout))
+    except dist.DistStoreError:
+        missing = [r for r, key in enumerate(keys) if not store.check([key])]
+        raise MissingRanksError(
+            f"{op}: rank(s) {missing} of {world} did not call it within {timeout:g} s (rank {rank} did). "
+            f"On a TP-sharded model {op} must be called on every rank, in the same order as bdlora's "
+            f"other every-rank calls (it gathers or changes sharded state); calls on one rank only "
+            f"(e.g. under `if rank == 0`) work on models that are not TP-sharded. The wait is "
+            f"{CALL_TIMEOUT_ENV} seconds."
+        ) from None

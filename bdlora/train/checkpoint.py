@@ -27,7 +27,6 @@ import torch
 from torch import nn
 
 from bdlora.fsutil import write_file_atomic
-from bdlora.layers import take_shard
 from bdlora.parallel.checkpoint import (
     factor_items,
     open_shards,
@@ -37,6 +36,7 @@ from bdlora.parallel.checkpoint import (
     unshard,
 )
 from bdlora.parallel.mesh import on_all_ranks
+from bdlora.parallel.styles import take_shard
 from bdlora.train.context import RunContext
 
 COMPLETE = "COMPLETE"
@@ -148,7 +148,7 @@ class Checkpointer:
                 optimizer.state[param] = {
                     "step": torch.tensor(float(state["adam_step"])),
                     **{
-                        m: take_shard(unshard(shards, f"{key}.{m}", dim), dim, layer.tp)
+                        m: take_shard(unshard(shards, f"{key}.{m}", dim), dim, self.ctx.tp)
                         .clone()
                         .to(param.device)
                         for m in MOMENTS

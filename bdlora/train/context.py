@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
-from bdlora.parallel.comm import TPGroup
+from bdlora.parallel.comm import TPGroup, broadcast_object
 from bdlora.parallel.mesh import ParallelDims, build_mesh, device_type, tp_of_mesh
 
 
@@ -45,12 +45,11 @@ class RunContext:
 def decide_run_dir(run_dir: str | None, run_name: str) -> Path:
     """Rank 0 picks the directory (timestamp plus a random id, so jobs started in the same second
     never collide) and broadcasts it: every rank writes under the same one."""
-    choice = [None]
+    choice = None
     if dist.get_rank() == 0:
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        choice[0] = run_dir or os.path.join("outputs", run_name, f"{stamp}-{secrets.token_hex(3)}")
-    dist.broadcast_object_list(choice, src=0)
-    return Path(choice[0]).resolve()
+        choice = run_dir or os.path.join("outputs", run_name, f"{stamp}-{secrets.token_hex(3)}")
+    return Path(broadcast_object(choice, src=0)).resolve()
 
 
 def build_context(tp: int, dp: int | None, run_dir: str | None, run_name: str) -> RunContext:

@@ -33,12 +33,12 @@ from torch import nn
 
 from bdlora.config import BDLoraConfig
 from bdlora.data import format_pair
-from bdlora.layers import dense_factors, factor_shard_dims, global_factor_shapes
-from bdlora.model import bdlora_layers, merge_adapter
+from bdlora.layers import dense_factors, global_factor_shapes
+from bdlora.model import merge_and_unload
+from bdlora.parallel import from_pretrained, parallelize
 from bdlora.parallel.checkpoint import load_sharded_adapter, open_shards, read_shard_meta, unshard
-from bdlora.parallel.comm import TPGroup
-from bdlora.parallel.loading import from_pretrained, weight_files
-from bdlora.parallel.sharding import shard_model_
+from bdlora.parallel.loading import weight_files
+from bdlora.parallel.styles import sharding_class
 from bdlora.peft_io import save_adapter
 from bdlora.plan import Plan, resolve_plan
 from bdlora.presets import build_model as build_preset
@@ -116,22 +116,13 @@ def load_model(run: TrainedRun, model_dir: Path | None, adapter: bool = True) ->
     sharding = read_shard_meta(run.checkpoint)["sharding"]
     dtype = getattr(torch, run.model.dtype)
     if model_dir is None:
-        model = build_preset(run.model.name, seed=run.model.seed).to(dtype)
-        shard_model_(model, TPGroup(None), sharding)  # TP 1: only marks the layers' sharding mode
+        model = parallelize(build_preset(run.model.name, seed=run.model.seed).to(dtype), sharding=sharding)
     else:
         model = from_pretrained(model_dir, dtype=dtype, sharding=sharding)
         model.config.name_or_path = str(model_dir)  # PEFT's base_model_name_or_path
     if adapter:
         load_sharded_adapter(model, run.checkpoint)
     return model.eval()
-
-
-def _unwrap_(model: nn.Module) -> nn.Module:
-    """Put each ``BDLoraLinear``'s base layer back in its place: plain transformers module names."""
-    for name, layer in list(bdlora_layers(model)):
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, layer.base_layer)
-    return model
 
 
 def _save_tokenizer_override(cfg: ModelConfig, out: Path) -> None:
@@ -164,12 +155,13 @@ def _full_factors(checkpoint: Path, plan: Plan, sharding: str) -> dict[str, tupl
     """Module name -> unsharded (A, B) as stored (block-diagonal factor packed), shape-checked."""
     tp = read_shard_meta(checkpoint)["tp"]
     out = {}
+    cls = sharding_class(sharding)
     with open_shards(checkpoint, "adapter", tp) as shards:
         for m in plan.modules:
-            dim_a, dim_b = factor_shard_dims(m.role, sharding)
+            dim_a, dim_b = cls.factor_dims[m.role]
             a = unshard(shards, f"{m.name}.lora_A", dim_a)
             b = unshard(shards, f"{m.name}.lora_B", dim_b)
-            want = global_factor_shapes(m.role, m.d_in, m.d_out, m.rank, plan.nblocks, sharding)
+            want = global_factor_shapes(m.role, m.d_in, m.d_out, m.rank, plan.global_nblocks)
             if (tuple(a.shape), tuple(b.shape)) != want:
                 raise ExportError(
                     f"{checkpoint}: adapter of {m.name!r} has (A, B) shapes {tuple(a.shape)}, "
@@ -203,7 +195,7 @@ def merge_streaming(model_dir: str | Path, checkpoint: str | Path, out: str | Pa
         with open(out / src.name, "r+b") as dst:
             for key in [k for k in header if k in pending]:
                 m = pending.pop(key)
-                a, b = dense_factors(m.role, *(t.float() for t in factors[m.name]), plan.nblocks)
+                a, b = dense_factors(m.role, *(t.float() for t in factors[m.name]), plan.global_nblocks)
                 data = _read_tensor(src, key).float().addmm_(b, a, alpha=m.settings.scale)  # (d_out, d_in)
                 _write_tensor(dst, data_start, header[key], data, where=f"{src}: {key!r}")
     if pending:
@@ -292,9 +284,7 @@ def export(path: str | Path, format: str, out: str | Path, force: bool = False) 
         if format == "merged" and model_dir is not None:
             merge_streaming(model_dir, run.checkpoint, tmp)
         elif format == "merged":
-            model = load_model(run, model_dir)
-            merge_adapter(model)
-            _unwrap_(model).save_pretrained(tmp)
+            merge_and_unload(load_model(run, model_dir)).save_pretrained(tmp)
         else:
             save_adapter(load_model(run, model_dir), tmp, format=format)
         if format == "merged":

@@ -11,11 +11,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from bdlora.layers import factor_shard_dims
 from bdlora.model import adapter_parameters, bdlora_layers
+from bdlora.parallel import no_sync
 from bdlora.parallel.accounting import CommCounter
 from bdlora.parallel.comm import mean_over, sum_over
-from bdlora.parallel.sharding import allreduce_adapter_grads
 from bdlora.train.config import OptimConfig
 from bdlora.train.context import RunContext
 
@@ -47,9 +46,9 @@ def sharded_params(model: nn.Module) -> set[int]:
     """ids of adapter parameters that are TP-sharded (each rank holds a different slice)."""
     out = set()
     for _, layer in bdlora_layers(model):
-        if layer.tp.size == 1:
+        if layer.tp_style is None:
             continue
-        dim_a, dim_b = factor_shard_dims(layer.role, layer.sharding)
+        dim_a, dim_b = layer.tp_style.factor_dims[layer.role]
         for store, dim in ((layer.lora_A, dim_a), (layer.lora_B, dim_b)):
             out.update(id(p) for p in store.values() if dim is not None)
     return out
@@ -101,20 +100,30 @@ class Trainer:
         return float(mean_over(value, self.ctx.dp_group))
 
     def train_step(self, batches: Iterator, count_comm: bool = False) -> StepResult:
-        """One optimizer step over ``grad_accum`` micro-batches."""
+        """One optimizer step over ``grad_accum`` micro-batches on every DP rank.
+
+        The loss is the mean over every target token of the step, however the micro-batches and DP
+        ranks split them: each micro-batch's summed loss is divided by the step's token count (one
+        DP all-reduce), times the DP degree that the gradient average divides by. Gradients are
+        averaged over DP (``parallelize``'s hook) in the last micro-batch's backward only.
+        """
         start = time.perf_counter()
         self.model.train()
         counter = CommCounter({"tp": self.ctx.tp.group, "dp": self.ctx.dp_group}) if count_comm else None
+        micro = [tuple(t.to(self.ctx.device) for t in next(batches)) for _ in range(self.cfg.grad_accum)]
         total, tokens = torch.zeros((), device=self.ctx.device), 0
         with counter or nullcontext():
-            for _ in range(self.cfg.grad_accum):
-                ids, labels = (t.to(self.ctx.device) for t in next(batches))
-                with self._autocast:
-                    loss = self.model(input_ids=ids, labels=labels).loss / self.cfg.grad_accum
-                loss.backward()
+            targets = sum(int((labels[:, 1:] != -100).sum()) for _, labels in micro)
+            step_targets = sum_over(torch.tensor(float(targets), device=self.ctx.device), self.ctx.dp_group)
+            per_rank = float(step_targets.clamp(min=1)) / self.ctx.dp_size
+            for i, (ids, labels) in enumerate(micro):
+                last = i == len(micro) - 1
+                with nullcontext() if last else no_sync(self.model):
+                    with self._autocast:
+                        loss = self.model(input_ids=ids, labels=labels, num_items_in_batch=per_rank).loss
+                    loss.backward()
                 total += loss.detach()
                 tokens += ids.numel()
-            allreduce_adapter_grads(self.model, self.ctx.dp_group)
         norm = clip_grad_norm_(self.model, self.cfg.max_grad_norm, self.ctx, self._sharded)
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()

@@ -10,8 +10,7 @@ from torch import nn
 
 from bdlora.config import BDLoraConfig
 from bdlora.model import apply_bdlora
-from bdlora.parallel.loading import from_pretrained
-from bdlora.parallel.sharding import shard_model_
+from bdlora.parallel import from_pretrained, parallelize
 from bdlora.presets import build_model as build_preset
 from bdlora.presets import preset_config
 from bdlora.train.config import ModelConfig
@@ -90,21 +89,17 @@ def build_model(
     ctx: RunContext,
     model_dir: Path | None,
     sharding: str = "bdlora",
+    activation_checkpointing: bool = False,
 ) -> nn.Module:
-    """The sharded base model with a fresh adapter, seeded so every TP degree draws the same one."""
+    """The parallelized base model with a fresh adapter, seeded so every TP degree draws the same one."""
     dtype = getattr(torch, cfg.dtype)
+    layout = dict(sharding=sharding, activation_checkpointing=activation_checkpointing)
     if model_dir is not None:
         return from_pretrained(
-            model_dir,
-            adapter,
-            mesh=ctx.mesh,
-            dtype=dtype,
-            sharding=sharding,
-            device=ctx.device,
-            seed=cfg.seed,
+            model_dir, adapter, mesh=ctx.mesh, dtype=dtype, device=ctx.device, seed=cfg.seed, **layout
         )
     model = build_preset(cfg.name, seed=cfg.seed).to(dtype=dtype, device=ctx.device)
-    shard_model_(model, ctx.tp, sharding)
+    parallelize(model, ctx.mesh, **layout)
     torch.manual_seed(cfg.seed)
     apply_bdlora(model, adapter)
     return model

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import yaml
 
-from bdlora.layers import SHARDINGS
 from bdlora.parallel.mesh import on_all_ranks
+from bdlora.parallel.styles import SHARDINGS
 from bdlora.peft_io import FORMATS, save_adapter
 from bdlora.train.checkpoint import Checkpointer
 from bdlora.train.config import CheckpointConfig, TrainConfig
@@ -37,9 +37,9 @@ def run(cfg: TrainConfig, overrides: list[str] | None = None) -> float:
     config_dict = asdict(cfg)
     if ctx.is_main:
         _write_run_config(ctx.run_dir, config_dict, overrides or [])
-    model = build_model(cfg.model, adapter, ctx, model_dir, cfg.parallel.sharding)
-    if cfg.parallel.activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = build_model(
+        cfg.model, adapter, ctx, model_dir, cfg.parallel.sharding, cfg.parallel.activation_checkpointing
+    )
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.steps)
     trainer = Trainer(model, optimizer, scheduler, ctx, cfg.optim)

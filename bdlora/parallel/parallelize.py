@@ -1,0 +1,172 @@
+"""``parallelize``: the one place a built model becomes a parallel one.
+
+In order, as torchtitan applies its plans: tensor parallelism (base weights, adapters and the
+f/g operators, from the model's TP plan), then activation checkpointing, then data parallelism
+(adapter gradients averaged over the mesh's ``dp`` dimension in backward). What was done is kept
+in ``model.bdlora_state.parallel``, a ``ParallelState``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+
+from bdlora.config import BDLoraConfig
+from bdlora.parallel.comm import TPGroup
+from bdlora.parallel.data_parallel import GradientAverager, skip_grad_sync
+from bdlora.parallel.mesh import check_in, on_all_ranks
+from bdlora.parallel.placement import BlockSpec, TPBlock, format_blocks
+from bdlora.parallel.sharding import check_model_tp, shard_tp_
+from bdlora.parallel.styles import BDLoraTP, sharding_class
+from bdlora.plan import Plan
+from bdlora.state import state_of
+
+
+@dataclass
+class ParallelState:
+    """How a model was parallelized (``model.bdlora_state.parallel``).
+
+    ``tp``: the TP group and this rank's place in it; ``sharding``: the TP style class
+    (``BDLoraTP`` or ``SLoraTP``); ``blocks``: where f and g run; ``dp_group``: the group adapter
+    gradients are averaged over (None at DP 1).
+    """
+
+    mesh: DeviceMesh | None
+    tp: TPGroup
+    sharding_class: type[BDLoraTP]
+    blocks: list[TPBlock] = field(default_factory=list)
+    dp_group: dist.ProcessGroup | None = None
+    dp_rank: int = 0
+    dp_size: int = 1
+    activation_checkpointing: bool = False
+    grads: GradientAverager | None = None
+
+    @property
+    def sharding(self) -> str:
+        return self.sharding_class.name
+
+    @property
+    def tp_size(self) -> int:
+        return self.tp.size
+
+    def adapter_config(self, config: BDLoraConfig) -> BDLoraConfig:
+        return self.sharding_class.adapter_config(config)
+
+    def check_plan(self, plan: Plan) -> None:
+        self.sharding_class.check_plan(plan, self.tp.size)
+
+    def call_on_every_rank(self, op: str, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run ``fn`` as a call every rank makes: all ranks must enter it (``check_in``), and a
+        failure on any rank is raised on all of them."""
+        check_in(op)
+        return on_all_ranks(fn, *args)
+
+    def is_writer(self) -> bool:
+        """Global rank 0 writes files that all ranks produced together."""
+        return not dist.is_initialized() or dist.get_rank() == 0
+
+    def describe(self) -> str:
+        return format_blocks([b.spec for b in self.blocks], self.tp.size, self.sharding)
+
+
+def parallelize(
+    model: nn.Module,
+    mesh: DeviceMesh | None = None,
+    *,
+    sharding: str = "bdlora",
+    activation_checkpointing: bool = False,
+) -> nn.Module:
+    """Make ``model`` parallel over ``mesh`` in place and return it. Every rank must call it.
+
+    1. TP over ``mesh["tp"]``: each linear layer in the model config's ``base_model_tp_plan`` keeps
+       its shard of the base weight and of every adapter already added (adapters added later are
+       created sharded); f and g run where the plan places them (``bdlora plan --tp`` shows it).
+    2. Activation checkpointing of every decoder layer (transformers' non-reentrant checkpointing).
+    3. DP over ``mesh["dp"]``: trainable gradients are averaged in backward; wrap all but the last
+       micro-batch of an accumulation step in ``bdlora.no_sync(model)``.
+
+    ``mesh``: a ``DeviceMesh`` with a ``tp`` and optionally a ``dp`` dimension
+    (``bdlora.parallel.build_mesh``), or None for one process. ``sharding``: ``"bdlora"``, or
+    ``"slora"`` for the dense S-LoRA baseline. Everything is validated before any weight moves.
+    Issues no collective itself; replicas must start from equal weights (``apply_bdlora`` draws the
+    same factors on every rank from the same seed).
+    """
+    cls = sharding_class(sharding)
+    state = state_of(model)
+    if state.parallel is not None:
+        raise ValueError("the model is already parallelized; build a fresh model to change its layout")
+    tp_size = _tp_size(mesh)
+    blocks = check_model_tp(model, tp_size, cls) if tp_size > 1 else []
+    if activation_checkpointing and not hasattr(model, "gradient_checkpointing_enable"):
+        raise ValueError(
+            f"activation_checkpointing=True needs a transformers model; {type(model).__name__} has no "
+            f"gradient_checkpointing_enable"
+        )
+    tp, dp_group, dp_rank, dp_size = _mesh_groups(mesh)
+    parallel = ParallelState(mesh, tp, cls, dp_group=dp_group, dp_rank=dp_rank, dp_size=dp_size)
+    parallel.blocks = shard_tp_(model, tp, cls, blocks) if blocks else []
+    if activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        parallel.activation_checkpointing = True
+    if dp_group is not None:
+        parallel.grads = GradientAverager(model, dp_group)
+    state_of(model, create=True).parallel = parallel
+    return model
+
+
+def _dim_names(mesh: DeviceMesh) -> tuple[str, ...]:
+    names = tuple(mesh.mesh_dim_names or ())
+    if "tp" not in names or any(n not in ("dp", "tp") for n in names):
+        raise ValueError(
+            f"mesh dims {list(names)}: bdlora needs a mesh with a 'tp' dimension and optionally 'dp' "
+            f"(bdlora.parallel.build_mesh makes one)"
+        )
+    return names
+
+
+def _tp_size(mesh: DeviceMesh | None) -> int:
+    return 1 if mesh is None else mesh.size(_dim_names(mesh).index("tp"))
+
+
+def _mesh_groups(mesh: DeviceMesh | None) -> tuple[TPGroup, dist.ProcessGroup | None, int, int]:
+    if mesh is None:
+        return TPGroup(None), None, 0, 1
+    names = _dim_names(mesh)
+    tp = TPGroup.from_group(mesh.get_group("tp"))
+    if "dp" not in names or mesh.size(names.index("dp")) == 1:
+        return tp, None, 0, 1
+    return tp, mesh.get_group("dp"), mesh.get_local_rank("dp"), mesh.size(names.index("dp"))
+
+
+def blocks_of(model: nn.Module) -> list[BlockSpec]:
+    parallel = state_of(model).parallel
+    return [] if parallel is None else [b.spec for b in parallel.blocks]
+
+
+@contextmanager
+def no_sync(model: nn.Module) -> Iterator[None]:
+    """Inside the block, backward leaves gradients unaveraged over DP (they keep accumulating).
+
+    Like DDP's ``no_sync``: for all but the last micro-batch of a gradient-accumulation step.
+    Issues no collective; a no-op on a model without data parallelism.
+    """
+    parallel = state_of(model).parallel
+    with skip_grad_sync(None if parallel is None else parallel.grads):
+        yield
+
+
+def tp_of(model: nn.Module) -> TPGroup:
+    """The TP group ``model`` is sharded over (a world of one when it is not)."""
+    parallel = state_of(model).parallel
+    return TPGroup(None) if parallel is None else parallel.tp
+
+
+def sharding_of(model: nn.Module) -> type[BDLoraTP]:
+    parallel = state_of(model).parallel
+    return BDLoraTP if parallel is None else parallel.sharding_class
