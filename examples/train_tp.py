@@ -59,8 +59,10 @@ def main() -> None:
         optimizer.zero_grad(set_to_none=True)
         if dist.get_rank() == 0 and (step % 5 == 0 or step == args.steps - 1):
             print(f"step {step:3d}  loss {loss.item():.4f}", flush=True)
-    # the model is TP-sharded: every rank takes part in the gather; global rank 0 writes the files
-    bdlora.save_adapter(model, args.out)
+    # TP-sharded: every rank takes part in the gather and global rank 0 writes the files;
+    # data parallel only: no collective is involved, so rank 0 alone saves
+    if mesh["tp"].size() > 1 or dist.get_rank() == 0:
+        bdlora.save_adapter(model, args.out)
     if dist.get_rank() == 0:
         print(f"adapter written to {args.out}", flush=True)
     dist.destroy_process_group()
