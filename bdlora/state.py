@@ -87,20 +87,25 @@ def _guard_save_pretrained(model: nn.Module) -> None:
     ``...lora_A.default`` (and, under TP, only this rank's shards); transformers would load such a
     directory with every adapted projection missing and randomly initialised, without an error.
     """
-    if not hasattr(model, "save_pretrained"):
-        return
+    if hasattr(model, "save_pretrained"):
+        model.save_pretrained = RefuseSavePretrained(type(model).__name__)
 
-    def save_pretrained(*args: Any, **kwargs: Any) -> None:
+
+@dataclass(frozen=True)
+class RefuseSavePretrained:
+    """Stands in for ``save_pretrained`` on an adapted model (a class, so the model still pickles)."""
+
+    model_class: str
+
+    def __call__(self, *args: Any, **kwargs: Any) -> None:
         raise SavePretrainedError(
-            f"{type(model).__name__}.save_pretrained would write bdlora's wrapped layers "
+            f"{self.model_class}.save_pretrained would write bdlora's wrapped layers "
             "('...base_layer.weight', '...lora_A.<adapter>' keys, TP shards), which transformers loads "
             "as missing weights. Save the adapter with bdlora.save_adapter(model, directory) (PEFT "
             "format: PeftModel.from_pretrained(base_model, directory) loads it); for a merged model call "
             "bdlora.merge_and_unload(model) first (one process, unsharded) or run "
             "`bdlora export RUN_DIR --format merged --out DIR` on a trained run."
         )
-
-    model.save_pretrained = save_pretrained
 
 
 def release_(model: nn.Module) -> None:

@@ -220,3 +220,14 @@ class _FakeMesh:
 
     def size(self, dim: int = 0) -> int:
         return self.tp
+
+
+def test_an_adapted_model_still_pickles(input_ids):
+    import pickle
+
+    model = apply_bdlora(tiny_model(), BDLoraConfig(rank=8, nblocks=2))
+    randomize_lora_b(model)
+    copy = pickle.loads(pickle.dumps(model))
+    torch.testing.assert_close(logits(copy, input_ids), logits(model, input_ids))
+    with pytest.raises(SavePretrainedError):
+        copy.save_pretrained("unused")
