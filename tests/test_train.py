@@ -441,19 +441,21 @@ def trained(nproc: int, tmp_path: Path, name: str, *overrides: str) -> tuple[dic
     result = train(nproc, *EQUAL_BATCH_ARGS, *overrides, f"run_dir={run_dir}", cwd=tmp_path)
     assert result.returncode == 0, output_of(result)
     final = complete_checkpoints(run_dir / "checkpoints")[-1]
+    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
     return by_step(read_metrics(run_dir)), adapter_state(final)
 
 
 @pytest.mark.slow
 def test_grad_accum_and_dp2_x_tp2_equal_the_larger_batch(tmp_path):
-    """8 rows per step, split three ways: one batch (TP 1, one process, the reference), two
-    accumulated micro-batches, and DP 2 x TP 2 on four ranks. The loss weighs every target token
+    """8 rows per step, split four ways: one batch (TP 1, one process, the reference), two
+    accumulated micro-batches, DP 2 (rank 0 alone exports), and DP 2 x TP 2 on four ranks. The loss weighs every target token
     the same (prompt tokens are masked, so micro-batches hold different counts of them)."""
     losses, adapter = trained(1, tmp_path, "batch8", "parallel.tp=1", "data.micro_batch_size=8")
     runs = {
         "accum2": trained(
             1, tmp_path, "accum2", "parallel.tp=1", "data.micro_batch_size=4", "optim.grad_accum=2"
         ),
+        "dp2": trained(2, tmp_path, "dp2", "parallel.tp=1", "data.micro_batch_size=4"),
         "dp2xtp2": trained(4, tmp_path, "dp2xtp2", "parallel.tp=2", "data.micro_batch_size=4"),
     }
     for name, (got_losses, got_adapter) in runs.items():

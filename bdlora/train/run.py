@@ -71,7 +71,8 @@ def run(cfg: TrainConfig, overrides: list[str] | None = None) -> float:
         logger.close()
     final_eval = evaluate() if last is None or "eval_loss" not in last else last
     adapter_dir = ctx.run_dir / "adapter"
-    save_adapter(model, adapter_dir, format=cfg.checkpoint.export_format)
+    if ctx.tp.size > 1 or ctx.is_main:  # sharded: every rank gathers; replicated: rank 0 alone saves
+        save_adapter(model, adapter_dir, format=cfg.checkpoint.export_format)
     _print_summary(ctx, first_loss, last, initial_eval, final_eval, checkpointer, adapter_dir)
     return float(final_eval.get("eval_loss", math.nan))
 
