@@ -448,8 +448,9 @@ def trained(nproc: int, tmp_path: Path, name: str, *overrides: str) -> tuple[dic
 @pytest.mark.slow
 def test_grad_accum_and_dp2_x_tp2_equal_the_larger_batch(tmp_path):
     """8 rows per step, split four ways: one batch (TP 1, one process, the reference), two
-    accumulated micro-batches, DP 2 (rank 0 alone exports), and DP 2 x TP 2 on four ranks. The loss weighs every target token
-    the same (prompt tokens are masked, so micro-batches hold different counts of them)."""
+    accumulated micro-batches, DP 2 (rank 0 alone exports), and DP 2 x TP 2 on four ranks.
+    The loss weighs every target token the same (prompt tokens are masked, so micro-batches
+    hold different counts of them)."""
     losses, adapter = trained(1, tmp_path, "batch8", "parallel.tp=1", "data.micro_batch_size=8")
     runs = {
         "accum2": trained(
