@@ -3,7 +3,6 @@ FROM python:3.11-slim
 WORKDIR /opt/bdlora
 COPY pyproject.toml README.md ./
 COPY bdlora ./bdlora
-COPY conf ./conf
 COPY launch ./launch
 RUN pip install --no-cache-dir --index-url https://download.pytorch.org/whl/cpu torch==2.13.0 \
  && pip install --no-cache-dir "torch==2.13.0" -e ".[train]" \

@@ -25,12 +25,12 @@ test-quick: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 
 lint: $(STAMP)
-	$(BIN)/ruff check bdlora tests scripts
-	$(BIN)/ruff format --check bdlora tests scripts
+	$(BIN)/ruff check bdlora tests scripts examples
+	$(BIN)/ruff format --check bdlora tests scripts examples
 
 format: $(STAMP)
-	$(BIN)/ruff format bdlora tests scripts
-	$(BIN)/ruff check --fix bdlora tests scripts
+	$(BIN)/ruff format bdlora tests scripts examples
+	$(BIN)/ruff check --fix bdlora tests scripts examples
 
 # The main job: the Hydra trainer at TP 2 on CPU gloo, on the embedded dataset.
 demo: $(STAMP)

@@ -10,6 +10,7 @@ from pathlib import Path
 from bdlora.config import BDLoraConfig, BDLoraConfigError
 from bdlora.plan import resolve_plan
 from bdlora.presets import PRESETS, build_model
+from bdlora.train.checkpoint import CheckpointDamaged
 from bdlora.train.export import ExportError
 
 
@@ -115,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (BDLoraConfigError, FileNotFoundError, KeyError, ExportError) as err:
+    except (BDLoraConfigError, FileNotFoundError, KeyError, ExportError, CheckpointDamaged) as err:
         print(f"bdlora {args.command}: error: {err}", file=sys.stderr)
         return 2
 

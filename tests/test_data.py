@@ -245,14 +245,17 @@ def test_resume_refuses_state_from_other_data():
         PackedLoader(numbered_blocks(30), 2, seed=0).load_state_dict(state)
 
 
-def test_eval_loader_is_finite_dp_sharded_and_equal_length_on_every_rank():
+def test_eval_loader_covers_every_block_once_at_any_dp_degree():
     blocks = numbered_blocks(11)
     ranks = [EvalLoader(blocks, 2, r, 3) for r in range(3)]
     batches = [list(loader) for loader in ranks]
     assert [len(b) for b in batches] == [len(loader) for loader in ranks] == [2, 2, 2]
     ids = [[i for batch in rank for i in block_ids(batch)] for rank in batches]
-    assert ids == [[0, 3, 6], [1, 4, 7], [2, 5, 8]]  # the 2 blocks past 3 * floor(11 / 3) left out
+    assert ids == [[0, 3, 6, 9], [1, 4, 7, 10], [2, 5, 8]]  # strided: every block, once
     assert [block_ids(b) for b in ranks[0]] == [block_ids(b) for b in batches[0]]  # re-iterable
+    first = [EvalLoader(blocks, 2, r, 2, max_blocks=5) for r in range(2)]
+    assert sorted(i for loader in first for b in loader for i in block_ids(b)) == [0, 1, 2, 3, 4]
+    assert list(EvalLoader(numbered_blocks(1), 2, dp_rank=1, dp_size=2)) == []  # a rank with no block
 
 
 # --- end to end ---------------------------------------------------------------------------------
@@ -424,5 +427,5 @@ def test_split_and_dp_values_that_cannot_work_are_refused():
         split_examples([("", "a"), ("", "b")], 0.9, seed=0)
     with pytest.raises(DataError, match="dp_rank=2, dp_size=2"):
         PackedLoader(numbered_blocks(8), 2, dp_rank=2, dp_size=2)
-    with pytest.raises(DataError, match="eval split packs into 1 blocks .* fewer than dp_size=2"):
-        EvalLoader(numbered_blocks(1), 2, dp_rank=0, dp_size=2)
+    with pytest.raises(DataError, match="dp_rank=3, dp_size=2"):
+        EvalLoader(numbered_blocks(4), 2, dp_rank=3, dp_size=2)

@@ -24,7 +24,7 @@ from bdlora.parallel import parallelize
 from bdlora.parallel.checkpoint import save_sharded_adapter
 from bdlora.presets import build_model
 from bdlora.train import export as export_mod
-from bdlora.train.checkpoint import COMPLETE, STATE, step_dir_name
+from bdlora.train.checkpoint import COMPLETE, STATE, step_dir_name, write_manifest
 from bdlora.train.config import ModelConfig, TrainConfig
 from bdlora.train.data import ByteTokenizer
 from bdlora.train.export import ExportError, export, generate, greedy_decode, merge_streaming
@@ -59,6 +59,7 @@ def write_run(run_dir: Path, model: nn.Module, model_cfg: ModelConfig, **paths: 
     save_sharded_adapter(model, run.checkpoint)
     state = {"step": STEP, "tp": 1, "config": asdict(TrainConfig(model=model_cfg))}
     (run.checkpoint / STATE).write_text(json.dumps(state))
+    write_manifest(run.checkpoint)
     (run.checkpoint / COMPLETE).write_text(str(STEP))
     return run
 

@@ -197,4 +197,4 @@ def fail_on_rank_one() -> str:
 def test_error_on_one_rank_stops_all_ranks():
     messages = run_distributed(fail_on_rank_one, 2)
     assert all("/data/missing.jsonl" in m for m in messages), messages
-    assert messages[0].startswith("RuntimeError: rank 1 failed")
+    assert messages[0].startswith("RankFailed: rank 1 failed")

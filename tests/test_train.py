@@ -33,7 +33,7 @@ from bdlora.train.checkpoint import COMPLETE, complete_checkpoints, step_dir_nam
 from bdlora.train.config import TrainConfig, register_configs
 from tests.conftest import logits
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+CONF_DIR = Path(__file__).resolve().parents[1] / "bdlora" / "conf"
 GROUPS = ("model", "adapter", "data", "parallel", "optim", "logger", "experiment")
 NEEDS_SOURCE = {("data", "jsonl"), ("data", "hf_json")}  # `source: ???` in the file
 
@@ -214,10 +214,10 @@ def test_two_rank_run_writes_a_complete_run_directory(baseline):
     assert sorted(p.name for p in run_dir.iterdir()) == sorted(
         [".hydra", "adapter", "checkpoints", "metrics.jsonl", "summary.json"]
     )
-    assert sorted(p.name for p in (run_dir / ".hydra").iterdir()) == ["config.yaml", "overrides.yaml"]
+    hydra_files = ["config.yaml", "hydra.yaml", "overrides.yaml"]
+    assert sorted(p.name for p in (run_dir / ".hydra").iterdir()) == hydra_files
     assert sorted(p.relative_to(run_dir) for p in run_dir.rglob("*.yaml")) == [
-        Path(".hydra/config.yaml"),
-        Path(".hydra/overrides.yaml"),
+        Path(".hydra") / name for name in hydra_files
     ]
     saved = yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())
     assert (saved["steps"], saved["parallel"]["tp"], saved["run_dir"]) == (STEPS, 2, str(run_dir))

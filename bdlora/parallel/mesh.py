@@ -85,6 +85,10 @@ def tp_of_mesh(mesh: DeviceMesh | None) -> TPGroup:
     return TPGroup.from_group(mesh.get_group("tp"))
 
 
+class RankFailed(RuntimeError):
+    """Another rank failed inside ``on_all_ranks``; the message is that rank's."""
+
+
 def on_all_ranks(fn, *args, **kwargs):
     """Run a validation ``fn`` on every rank; if it fails on any, raise that message on all of them.
 
@@ -102,7 +106,7 @@ def on_all_ranks(fn, *args, **kwargs):
         failed = [(r, m) for r, m in enumerate(messages) if m is not None]
         if failed and error is None:
             rank, message = failed[0]
-            raise RuntimeError(f"rank {rank} failed: {message}")
+            raise RankFailed(f"rank {rank} failed: {message}")
     if error is not None:
         raise error
     return result

@@ -8,6 +8,8 @@ only its shard (colwise: output rows, rowwise: input columns), its adapters keep
 
 from __future__ import annotations
 
+import math
+
 from torch import nn
 
 from bdlora.config import BDLoraConfigError
@@ -41,13 +43,15 @@ def tp_linears(model: nn.Module) -> list[tuple[str, Role]]:
 def check_model_tp(model: nn.Module, tp: int, sharding: type[BDLoraTP] = BDLoraTP) -> list[BlockSpec]:
     """Validate that ``model`` (and its adapters) shard evenly over ``tp`` ranks and that every
     f/g operator has one place; returns the blocks."""
-    config = model.config
-    for key in ("num_attention_heads", "num_key_value_heads"):
-        value = getattr(config, key, None)
-        if value is not None and value % tp:
+    heads = {k: getattr(model.config, k, None) for k in ("num_attention_heads", "num_key_value_heads")}
+    heads = {k: v for k, v in heads.items() if v is not None}
+    for key, value in heads.items():
+        if value % tp:
+            common = math.gcd(*heads.values())
             raise BDLoraConfigError(
                 f"TP degree {tp} does not divide {key}={value}: each rank must hold whole heads. "
-                f"Valid TP degrees: {[d for d in range(1, value + 1) if value % d == 0]}"
+                f"Valid TP degrees (dividing {' and '.join(f'{k}={v}' for k, v in heads.items())}): "
+                f"{[d for d in range(1, common + 1) if common % d == 0]}"
             )
     linears = tp_linears(model)
     for name, role in linears:

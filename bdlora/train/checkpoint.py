@@ -6,24 +6,36 @@
 ``adapter-tp{i}-of-{t}``        adapter shards (``bdlora.parallel.checkpoint``), one per TP rank
 ``optim-tp{i}-of-{t}``          AdamW ``exp_avg`` / ``exp_avg_sq`` sharded like their parameters
 ``trainer_state.json``          step, AdamW step, scheduler, data loader position, the run config
-``rng-rank{r}.pt``              every rank's RNG state (restored when the world size matches)
+``rng-rank{r}.safetensors``     every rank's torch (and CUDA) RNG state, with Python's ``random``
+                                state as JSON in its metadata (restored when the world size matches)
+``MANIFEST.json``               size and SHA-256 of every file above
 ``COMPLETE``                    written last
 ==============================  ================================================================
 
-Every rank writes into ``.step_00000050.partial``; after a barrier rank 0 writes ``COMPLETE`` and
-renames the directory into place, so a crash at any moment leaves only complete checkpoints under
-their final names. Optimizer state reshards like the adapter, so a resume may change the TP degree.
+Every rank writes into ``.step_00000050.partial``; after a barrier rank 0 writes ``MANIFEST.json``
+and ``COMPLETE`` and renames the directory into place, so a crash at any moment leaves only complete
+checkpoints under their final names. Optimizer state reshards like the adapter, so a resume may
+change the TP degree.
+
+A checkpoint is read only after :func:`verify_checkpoint` found every file as its manifest lists it
+and nothing else beside them: a truncated shard or a file dropped in later (say a pickle) is refused
+before anything is loaded, and :func:`newest_intact` falls back to an older checkpoint. Nothing is
+ever unpickled: tensors are safetensors, everything else JSON.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from bdlora.fsutil import write_file_atomic
@@ -35,17 +47,28 @@ from bdlora.parallel.checkpoint import (
     save_sharded_adapter,
     unshard,
 )
+from bdlora.parallel.comm import broadcast_object
 from bdlora.parallel.mesh import on_all_ranks
 from bdlora.parallel.styles import take_shard
 from bdlora.train.context import RunContext
 
 COMPLETE = "COMPLETE"
+MANIFEST = "MANIFEST.json"
 STATE = "trainer_state.json"
 MOMENTS = ("exp_avg", "exp_avg_sq")
+PYTHON_RNG = "python_random"  # the safetensors metadata key of ``random.getstate()``, as JSON
+
+
+class CheckpointDamaged(ValueError):
+    """A checkpoint whose files differ from its manifest (or that has none): it is never loaded."""
 
 
 def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
+
+
+def rng_file_name(rank: int) -> str:
+    return f"rng-rank{rank:05d}.safetensors"
 
 
 def complete_checkpoints(root: Path) -> list[Path]:
@@ -53,6 +76,107 @@ def complete_checkpoints(root: Path) -> list[Path]:
     if not root.is_dir():
         return []
     return sorted(p for p in root.glob("step_*") if (p / COMPLETE).is_file())
+
+
+# -- manifest -------------------------------------------------------------------------------------
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _listed_files(directory: Path) -> list[str]:
+    """Every file under ``directory`` (relative, ``/``-separated) but the two written after the list."""
+    names = (p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file())
+    return sorted(n for n in names if n not in (MANIFEST, COMPLETE))
+
+
+def write_manifest(directory: Path) -> Path:
+    """Write ``MANIFEST.json``: relative name -> ``{"size": bytes, "sha256": hex}`` for every file."""
+    directory = Path(directory)
+    files = {
+        name: {"size": (directory / name).stat().st_size, "sha256": sha256_of(directory / name)}
+        for name in _listed_files(directory)
+    }
+    text = json.dumps({"files": files}, indent=2)
+    return write_file_atomic(directory / MANIFEST, lambda p: Path(p).write_text(text))
+
+
+def _read_manifest(directory: Path) -> dict[str, dict]:
+    path = directory / MANIFEST
+    if not path.is_file():
+        raise CheckpointDamaged(
+            f"{directory}: no {MANIFEST}, so its files cannot be verified (damaged, or written by a "
+            "bdlora older than manifests); it is not loaded"
+        )
+    try:
+        files = json.loads(path.read_text())["files"]
+        if not all(isinstance(e["size"], int) and isinstance(e["sha256"], str) for e in files.values()):
+            raise TypeError("an entry without an integer size and a string sha256")
+        if any(Path(name).is_absolute() or ".." in Path(name).parts for name in files):
+            raise ValueError("a name outside the checkpoint directory")
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise CheckpointDamaged(f"{directory}: {MANIFEST} is not a valid manifest ({err})") from None
+    return files
+
+
+def _file_damage(directory: Path, name: str, entry: dict) -> str | None:
+    path = directory / name
+    if not path.is_file():
+        return f"{name}: missing"
+    size = path.stat().st_size
+    if size != entry["size"]:
+        return f"{name}: size differs (expected {entry['size']} bytes, found {size})"
+    digest = sha256_of(path)
+    if digest != entry["sha256"]:
+        return f"{name}: checksum differs (sha256 {digest[:16]}..., expected {entry['sha256'][:16]}...)"
+    return None
+
+
+def verify_checkpoint(directory: Path) -> None:
+    """Raise :class:`CheckpointDamaged` naming every file that is missing, resized, altered or unlisted."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory}: no such checkpoint directory")
+    if not (directory / COMPLETE).is_file():
+        raise CheckpointDamaged(f"{directory}: no {COMPLETE} marker (the run stopped while saving it)")
+    listed = _read_manifest(directory)
+    damage = [d for name, entry in listed.items() if (d := _file_damage(directory, name, entry))]
+    damage += [
+        f"{name}: not in {MANIFEST} (added after the checkpoint was saved; never loaded)"
+        for name in _listed_files(directory)
+        if name not in listed
+    ]
+    if damage:
+        raise CheckpointDamaged(f"{directory}: " + "; ".join(damage))
+
+
+def newest_intact(root: Path, report: Callable[[str], None]) -> Path | None:
+    """The newest complete checkpoint under ``root`` that verifies, None if there is none at all.
+
+    ``report`` hears of every newer one skipped as damaged, and of the fallback. Checkpoints of
+    which none verifies are an error naming the run and the newest one's damage.
+    """
+    found = complete_checkpoints(root)
+    newest_damage = None
+    for path in reversed(found):
+        try:
+            verify_checkpoint(path)
+        except CheckpointDamaged as err:
+            newest_damage = newest_damage or err
+            report(f"skipping damaged checkpoint {err}")
+            continue
+        if newest_damage is not None:
+            report(f"falling back to {path.name}, the newest checkpoint that verifies")
+        return path
+    if newest_damage is not None:
+        raise CheckpointDamaged(
+            f"run {root.parent}: none of its {len(found)} complete checkpoints verifies; the newest, "
+            f"{newest_damage}. Restore the damaged files, or move checkpoints/ aside to start over"
+        )
+    return None
 
 
 class Checkpointer:
@@ -82,7 +206,7 @@ class Checkpointer:
         save_sharded_adapter(model, tmp, self.adapter, write=writes_shard)
         if writes_shard:
             save_shard_file(tmp, "optim", self._moments(model, optimizer), self.ctx.tp.rank, self.ctx.tp.size)
-        torch.save(_rng_state(), tmp / f"rng-rank{self.ctx.rank:05d}.pt")
+        _save_rng_state(tmp / rng_file_name(self.ctx.rank))
         if self.ctx.is_main:
             state = {
                 "step": step,
@@ -97,6 +221,7 @@ class Checkpointer:
 
     def _publish(self, tmp: Path, final: Path, step: int) -> None:
         if self.ctx.is_main:
+            write_manifest(tmp)  # every rank's files are in: the previous phase ended in agreement
             (tmp / COMPLETE).write_text(str(step))
             if final.exists():
                 shutil.rmtree(final)
@@ -121,6 +246,24 @@ class Checkpointer:
         found = complete_checkpoints(self.root)
         return found[-1] if found else None
 
+    def latest_intact(self) -> Path | None:
+        """The newest checkpoint that verifies (:func:`newest_intact`), rank 0's choice on every rank."""
+        choice = on_all_ranks(self._on_main, newest_intact, self.root, self._report)
+        choice = broadcast_object(None if choice is None else str(choice), src=0)
+        return None if choice is None else Path(choice)
+
+    def verified(self, path: Path) -> Path:
+        """``path``, once rank 0 has verified it; a damaged checkpoint raises on every rank."""
+        on_all_ranks(self._on_main, verify_checkpoint, path)
+        return path
+
+    def _on_main(self, fn: Callable, *args):
+        """``fn`` read from one rank only, so that every rank acts on the same answer."""
+        return fn(*args) if self.ctx.is_main else None
+
+    def _report(self, message: str) -> None:
+        self.ctx.print0(f"resume=auto: {message}")
+
     def restore(self, path: Path, model: nn.Module, optimizer, scheduler, loader) -> dict[str, Any]:
         """Load ``path`` into the live objects; returns the saved trainer state."""
         if not (path / COMPLETE).is_file():
@@ -133,9 +276,9 @@ class Checkpointer:
         for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
             group["lr"] = lr
         loader.load_state_dict(state["loader"])
-        rng = path / f"rng-rank{self.ctx.rank:05d}.pt"
+        rng = path / rng_file_name(self.ctx.rank)
         if state["world_size"] == self.ctx.world_size and rng.is_file():
-            _set_rng_state(torch.load(rng, weights_only=False))
+            _load_rng_state(rng)
         return state
 
     @torch.no_grad()
@@ -163,15 +306,19 @@ def _adam_step(optimizer) -> float | None:
     return None
 
 
-def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+def _save_rng_state(path: Path) -> None:
+    tensors = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
+        tensors["cuda"] = torch.cuda.get_rng_state()
+    version, internal, gauss_next = random.getstate()
+    metadata = {PYTHON_RNG: json.dumps([version, list(internal), gauss_next])}
+    write_file_atomic(path, lambda p: save_file(tensors, p, metadata=metadata))
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+def _load_rng_state(path: Path) -> None:
+    with safe_open(str(path), "pt") as f:
+        torch.set_rng_state(f.get_tensor("torch"))
+        if "cuda" in f.keys() and torch.cuda.is_available():
+            torch.cuda.set_rng_state(f.get_tensor("cuda"))
+        version, internal, gauss_next = json.loads(f.metadata()[PYTHON_RNG])
+    random.setstate((version, tuple(internal), gauss_next))

@@ -1,12 +1,42 @@
-"""Structured configs for the trainer: Hydra checks every key against these dataclasses at start-up."""
+"""Structured configs for the trainer: Hydra checks every key against these dataclasses at start-up.
+
+String settings with a fixed set of values are Enums whose member names are the values themselves
+(OmegaConf matches a string against member names), so a bad value fails when Hydra composes the
+config. ``load_train_config`` then refuses keys added with ``+`` that the schema does not know
+(Hydra lets ``+`` through struct mode) and checks every numeric range, before anything is built.
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import os
+import secrets
+import time
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from enum import Enum
 from typing import Any
 
-from bdlora.config import DEFAULT_TARGETS, BDLoraConfig
+from bdlora.config import DEFAULT_TARGETS, INIT_STRATEGIES, UNMATCHED_ACTIONS, BDLoraConfig
+from bdlora.parallel.styles import SHARDINGS
+from bdlora.peft_io import FORMATS
 from bdlora.train.data import DataConfig
+
+
+class TrainConfigError(ValueError):
+    """A trainer setting out of range or unknown; the message names the key and what is valid."""
+
+
+def _choices(name: str, values) -> type[Enum]:
+    return Enum(name, {v: v for v in values}, type=str, module=__name__)
+
+
+ModelSource = _choices("ModelSource", ("preset", "path", "smollm2"))
+InitStrategy = _choices("InitStrategy", INIT_STRATEGIES)
+UnmatchedAction = _choices("UnmatchedAction", UNMATCHED_ACTIONS)
+Sharding = _choices("Sharding", SHARDINGS)
+Engine = _choices("Engine", ("native",))
+Schedule = _choices("Schedule", ("cosine", "constant"))
+WandbMode = _choices("WandbMode", ("offline", "online", "disabled"))
+ExportFormat = _choices("ExportFormat", FORMATS)
 
 
 @dataclass
@@ -19,7 +49,7 @@ class ModelConfig:
     safetensors cache, then loaded sharded).
     """
 
-    source: str = "preset"
+    source: ModelSource = ModelSource.preset
     name: str = "tiny-llama"
     path: str | None = None
     tokenizer: str | None = None  # None: bytes for presets, the model's own tokenizer otherwise
@@ -30,27 +60,27 @@ class ModelConfig:
 
 @dataclass
 class AdapterConfig:
-    """``bdlora.BDLoraConfig`` as Hydra sees it."""
+    """``bdlora.BDLoraConfig`` as Hydra sees it: the same fields and defaults (a test checks)."""
 
     rank: int = 8
     alpha: float = 16.0
     nblocks: int = 2
     dropout: float = 0.0
-    init: str = "lora"
+    init: InitStrategy = InitStrategy.lora
     target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
     patterns: dict[str, Any] = field(default_factory=dict)
-    on_unmatched_pattern: str = "error"
+    on_unmatched_pattern: UnmatchedAction = UnmatchedAction.error
 
     def build(self) -> BDLoraConfig:
-        return BDLoraConfig.from_dict(asdict(self))
+        return BDLoraConfig.from_dict(plain(asdict(self)))
 
 
 @dataclass
 class ParallelConfig:
     tp: int = 1
     dp: int | None = None  # inferred: world_size / tp
-    sharding: str = "bdlora"  # or "slora": the dense-LoRA baseline
-    engine: str = "native"
+    sharding: Sharding = Sharding.bdlora  # or slora: the dense-LoRA baseline
+    engine: Engine = Engine.native
     activation_checkpointing: bool = False
 
 
@@ -60,7 +90,7 @@ class OptimConfig:
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     warmup_steps: int = 10
-    schedule: str = "cosine"  # or "constant"
+    schedule: Schedule = Schedule.cosine  # or constant
     min_lr_ratio: float = 0.1
     max_grad_norm: float = 1.0  # <= 0 disables clipping
     grad_accum: int = 1
@@ -69,7 +99,7 @@ class OptimConfig:
 @dataclass
 class WandbConfig:
     enabled: bool = False
-    mode: str = "offline"  # "online" for real use; the API key comes from the environment only
+    mode: WandbMode = WandbMode.offline  # online for real use; the API key comes from the environment only
     project: str = "bdlora"
     entity: str | None = None
     tags: list[str] = field(default_factory=list)
@@ -77,19 +107,19 @@ class WandbConfig:
 
 @dataclass
 class LoggerConfig:
-    log_every: int = 1
+    log_every: int = 1  # 0: never (eval records are still written)
     progress: bool = True
     jsonl: bool = True
-    comm_every: int = 10  # count collectives (CommCounter) on the first step and every N steps
+    comm_every: int = 10  # count collectives (CommCounter) on the first step and every N (0: first only)
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
 @dataclass
 class CheckpointConfig:
     every: int = 50  # steps; 0: only at the end
-    keep_last: int = 2
+    keep_last: int = 2  # 0: keep all
     resume: str = "never"  # "auto": continue from the newest complete checkpoint in run_dir; or a path
-    export_format: str = "peft-bdlora"  # the adapter written at the end of the run
+    export_format: ExportFormat = ExportFormat["peft-bdlora"]  # the adapter written at the run's end
 
 
 @dataclass
@@ -106,7 +136,98 @@ class TrainConfig:
     eval_batches: int = 0  # 0: the whole eval split
     seed: int = 0
     run_name: str = "bdlora"
-    run_dir: str | None = None  # None: outputs/<run_name>/<timestamp>-<id>, decided by rank 0
+    run_dir: str | None = None  # None: Hydra's hydra.run.dir (a multirun: hydra.sweep.dir/subdir)
+
+
+# (key, minimum) for every integer setting; 0 means "never" / "only at the end" / "keep all"
+_MINIMUMS = {
+    "steps": 1,
+    "eval_every": 0,
+    "eval_batches": 0,
+    "optim.grad_accum": 1,
+    "optim.warmup_steps": 0,
+    "logger.log_every": 0,
+    "logger.comm_every": 0,
+    "checkpoint.every": 0,
+    "checkpoint.keep_last": 0,
+    "parallel.tp": 1,
+    "parallel.dp": 1,
+}
+
+
+def plain(value: Any) -> Any:
+    """``value`` with every Enum replaced by its string (nested dicts and lists too)."""
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [plain(v) for v in value]
+    return value
+
+
+def _plain_(obj: Any) -> None:
+    """Replace Enum fields of a dataclass tree by their strings in place: code downstream sees str."""
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        if is_dataclass(value):
+            _plain_(value)
+        else:
+            setattr(obj, f.name, plain(value))
+
+
+def _get(cfg: TrainConfig, key: str) -> Any:
+    value: Any = cfg
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def check_ranges(cfg: TrainConfig) -> None:
+    """Every numeric setting in range; raises TrainConfigError naming the key."""
+    for key, minimum in _MINIMUMS.items():
+        value = _get(cfg, key)
+        if value is not None and value < minimum:
+            meaning = " (0 means never)" if minimum == 0 else ""
+            raise TrainConfigError(f"{key}={value}: must be >= {minimum}{meaning}")
+    optim = cfg.optim
+    if not optim.lr > 0:
+        raise TrainConfigError(f"optim.lr={optim.lr}: must be > 0")
+    if optim.weight_decay < 0:
+        raise TrainConfigError(f"optim.weight_decay={optim.weight_decay}: must be >= 0")
+    if not 0 <= optim.min_lr_ratio <= 1:
+        raise TrainConfigError(f"optim.min_lr_ratio={optim.min_lr_ratio}: must lie in [0, 1]")
+    if len(optim.betas) != 2 or not all(0 <= b < 1 for b in optim.betas):
+        raise TrainConfigError(f"optim.betas={list(optim.betas)}: give two values in [0, 1)")
+
+
+def load_train_config(cfg: Any) -> TrainConfig:
+    """The composed Hydra config as a checked ``TrainConfig`` with plain-string choices.
+
+    Keys the schema does not know fail here even when added with ``+`` (which Hydra lets through),
+    naming the key and the valid ones; then every numeric range is checked.
+    """
+    from omegaconf import OmegaConf
+    from omegaconf.errors import ConfigKeyError
+
+    try:
+        OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.to_container(cfg, resolve=False))
+    except ConfigKeyError as err:
+        key = str(getattr(err, "full_key", "") or err)
+        raise TrainConfigError(f"unknown config key {key!r}: {_valid_keys(key)}") from None
+    train = OmegaConf.to_object(cfg)
+    _plain_(train)
+    check_ranges(train)
+    return train
+
+
+def _valid_keys(full_key: str) -> str:
+    node: Any = TrainConfig
+    parent = full_key.rpartition(".")[0]
+    for part in parent.split(".") if parent else []:
+        node = {f.name: f for f in fields(node)}[part].default_factory
+    names = [f.name for f in fields(node)]
+    return f"valid keys{' under ' + repr(parent) if parent else ''}: {', '.join(names)}"
 
 
 def register_configs() -> None:
@@ -122,5 +243,20 @@ def register_configs() -> None:
     schema = OmegaConf.structured(TrainConfig)
     schema.data.source = MISSING
     ConfigStore.instance().store(name="train_schema", node=schema)
-    if not OmegaConf.has_resolver("mul"):
-        OmegaConf.register_new_resolver("mul", lambda a, b: a * b)
+    resolvers = {
+        "mul": lambda a, b: a * b,
+        "bdlora_or": lambda value, default: default if value is None else value,
+        # the job's stamp (``bdlora.train.main`` has rank 0 choose it); a fresh one outside a job
+        "bdlora_stamp": lambda: os.environ.setdefault(STAMP_ENV, new_stamp()),
+    }
+    for name, fn in resolvers.items():
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)
+
+
+STAMP_ENV = "BDLORA_RUN_STAMP"
+
+
+def new_stamp() -> str:
+    """``<date>-<time>-<random id>``: jobs started in the same second never collide."""
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import secrets
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +12,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from bdlora.parallel.comm import TPGroup, broadcast_object
 from bdlora.parallel.mesh import ParallelDims, build_mesh, device_type, tp_of_mesh
+from bdlora.train.config import new_stamp
 
 
 @dataclass
@@ -42,14 +41,19 @@ class RunContext:
             print(*args, **kwargs, flush=True)
 
 
-def decide_run_dir(run_dir: str | None, run_name: str) -> Path:
-    """Rank 0 picks the directory (timestamp plus a random id, so jobs started in the same second
-    never collide) and broadcasts it: every rank writes under the same one."""
-    choice = None
-    if dist.get_rank() == 0:
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        choice = run_dir or os.path.join("outputs", run_name, f"{stamp}-{secrets.token_hex(3)}")
-    return Path(broadcast_object(choice, src=0)).resolve()
+def decide_run_dir(local_choice: str | None, run_name: str) -> Path:
+    """Rank 0's choice of run directory, on every rank.
+
+    Each rank's Hydra resolved (and created) its own output directory; they agree unless a
+    user's ``hydra.run.dir`` holds something per-process such as ``${now:...}``. A rank whose own
+    choice differs removes it if still empty, so no rank leaves a directory of its own behind.
+    ``local_choice`` None (no Hydra): ``outputs/<run_name>/<date>-<time>-<random id>``.
+    """
+    mine = Path(local_choice or os.path.join("outputs", run_name, new_stamp())).resolve()
+    chosen = Path(broadcast_object(str(mine), src=0))
+    if mine != chosen and mine.is_dir() and not any(mine.iterdir()):
+        mine.rmdir()
+    return chosen
 
 
 def build_context(tp: int, dp: int | None, run_dir: str | None, run_name: str) -> RunContext:

@@ -56,7 +56,7 @@ class DataError(ValueError):
 class DataConfig:
     source: str = "embedded"  # "embedded", a .jsonl/.txt file or directory, or files for hf_format
     num_examples: int = 4000  # "embedded" only: how many pairs to generate
-    seq_len: int = 128
+    seq_len: int | None = 128  # None: the model's max_position_embeddings, at most DEFAULT_SEQ_LEN
     micro_batch_size: int = 8  # per DP rank
     eval_fraction: float = 0.05
     seed: int = 0
@@ -68,7 +68,7 @@ class DataConfig:
     def __post_init__(self) -> None:
         for name in ("seq_len", "micro_batch_size", "num_examples"):
             minimum = 2 if name == "seq_len" else 1  # a loss needs an input and its next token
-            if getattr(self, name) < minimum:
+            if getattr(self, name) is not None and getattr(self, name) < minimum:
                 raise DataError(f"data.{name} must be >= {minimum}, got {getattr(self, name)}")
         _check_fraction(self.eval_fraction)
         if self.hf_format is not None and self.hf_format not in HF_FORMATS:
@@ -398,23 +398,24 @@ class PackedLoader:
 class EvalLoader:
     """Finite, in-order ``(input_ids, labels)`` batches of this DP rank's eval blocks; re-iterable.
 
-    Each DP rank gets ``floor(N / D)`` blocks (strided), so all ranks run the same number of eval
-    steps: a rank with one batch more would hang the others in a loss all-reduce.
-    The last batch may hold fewer than B blocks.
+    DP rank r takes blocks r, r + D, r + 2D, ... of the split (of its first ``max_blocks``, when
+    given): together the ranks cover every block once, so summed token losses and token counts
+    give the same eval loss at any DP degree. Ranks may hold one batch more than others; eval's
+    only DP collective is the final sum. The last batch may hold fewer than B blocks.
     """
 
     def __init__(
-        self, blocks: PackedBlocks, micro_batch_size: int, dp_rank: int = 0, dp_size: int = 1
+        self,
+        blocks: PackedBlocks,
+        micro_batch_size: int,
+        dp_rank: int = 0,
+        dp_size: int = 1,
+        max_blocks: int = 0,
     ) -> None:
         _check_dp(dp_rank, dp_size)
-        if len(blocks) < dp_size:
-            raise DataError(
-                f"the eval split packs into {len(blocks)} blocks of seq_len={blocks.seq_len}, fewer than "
-                f"dp_size={dp_size}; raise data.eval_fraction or set it to 0"
-            )
-        per_rank = len(blocks) // dp_size
-        self.input_ids = blocks.input_ids[dp_rank::dp_size][:per_rank]  # (N/D, T)
-        self.labels = blocks.labels[dp_rank::dp_size][:per_rank]  # (N/D, T)
+        n = min(max_blocks, len(blocks)) if max_blocks > 0 else len(blocks)
+        self.input_ids = blocks.input_ids[:n][dp_rank::dp_size]  # (ceil((n - r) / D), T)
+        self.labels = blocks.labels[:n][dp_rank::dp_size]
         self.micro_batch_size = micro_batch_size
 
     def __len__(self) -> int:
@@ -434,11 +435,13 @@ def build_loaders(
     dp_rank: int = 0,
     dp_size: int = 1,
     model_config: PretrainedConfig | None = None,
+    eval_max_blocks: int = 0,
 ) -> tuple[PackedLoader, EvalLoader | None]:
     """Load, split, pack and shard; every check runs here, before a training step.
 
     ``dp_rank`` / ``dp_size`` are the rank and size of the mesh's DP dimension (not the world), so
     the TP ranks of one group read the same batches. ``model_config`` adds the model checks.
+    ``eval_max_blocks`` > 0 evaluates on the split's first blocks only.
     """
     if model_config is not None:
         check_seq_len(cfg.seq_len, model_config)
@@ -450,7 +453,21 @@ def build_loaders(
     if not eval_examples:
         return loader, None
     evals = pack_examples(eval_examples, tokenizer, cfg.seq_len, pad_last=True)
-    return loader, EvalLoader(evals, cfg.micro_batch_size, dp_rank, dp_size)
+    return loader, EvalLoader(evals, cfg.micro_batch_size, dp_rank, dp_size, eval_max_blocks)
+
+
+DEFAULT_SEQ_LEN = 512
+
+
+def fit_seq_len(seq_len: int | None, model_config: PretrainedConfig, log=print) -> int:
+    """``seq_len``, or when unset the model's ``max_position_embeddings`` capped at DEFAULT_SEQ_LEN
+    (said through ``log``); an explicit value over the model's limit fails in ``check_seq_len``."""
+    if seq_len is not None:
+        return seq_len
+    limit = getattr(model_config, "max_position_embeddings", None) or DEFAULT_SEQ_LEN
+    chosen = min(limit, DEFAULT_SEQ_LEN)
+    log(f"data.seq_len not set: using {chosen} (max_position_embeddings={limit}, at most {DEFAULT_SEQ_LEN})")
+    return chosen
 
 
 def check_seq_len(seq_len: int, model_config: PretrainedConfig) -> None:

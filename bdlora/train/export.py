@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import struct
+import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -42,7 +43,7 @@ from bdlora.parallel.styles import sharding_class
 from bdlora.peft_io import save_adapter
 from bdlora.plan import Plan, resolve_plan
 from bdlora.presets import build_model as build_preset
-from bdlora.train.checkpoint import COMPLETE, STATE, complete_checkpoints
+from bdlora.train.checkpoint import COMPLETE, STATE, newest_intact, verify_checkpoint
 from bdlora.train.config import ModelConfig
 from bdlora.train.data import Tokenizer, build_tokenizer
 from bdlora.train.modeling import resolve_model_dir, tokenizer_for
@@ -71,11 +72,13 @@ class TrainedRun:
 
 
 def find_checkpoint(path: str | Path) -> Path:
-    """``path`` itself if it is a complete checkpoint, else the newest complete one of a run dir."""
+    """``path`` itself if it is a checkpoint that verifies, else the newest one of a run dir that
+    does (saying on stderr which newer ones were skipped as damaged, and why)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such run or checkpoint directory")
     if (path / COMPLETE).is_file():
+        verify_checkpoint(path)
         return path
     if (path / STATE).is_file() or path.name.startswith((".step_", "step_")):
         raise ExportError(
@@ -87,13 +90,13 @@ def find_checkpoint(path: str | Path) -> Path:
         raise ExportError(
             f"{path} is neither a run directory (with checkpoints/) nor a checkpoint (with {COMPLETE})"
         )
-    found = complete_checkpoints(root)
-    if not found:
+    found = newest_intact(root, lambda message: print(message, file=sys.stderr, flush=True))
+    if found is None:
         raise ExportError(
             f"{root} holds no complete checkpoint; the run saves one every checkpoint.every steps "
             "and at its end, so it stopped before the first"
         )
-    return found[-1]
+    return found
 
 
 def open_run(path: str | Path) -> TrainedRun:

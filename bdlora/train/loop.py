@@ -140,18 +140,21 @@ class Trainer:
         )
 
     @torch.no_grad()
-    def evaluate(self, batches: Callable[[], Iterator], max_batches: int = 0) -> dict[str, float]:
-        """Token-weighted mean loss over the eval split (all DP ranks), and its perplexity."""
+    def evaluate(self, batches: Callable[[], Iterator]) -> dict[str, float]:
+        """Token-weighted mean loss over the whole eval split and its perplexity, at any DP degree.
+
+        Each rank sums its token losses and counts its target tokens; one all-reduce over DP adds
+        them up, so the result does not depend on how the split is divided among ranks.
+        """
         self.model.eval()
-        sums = torch.zeros(2, dtype=torch.float64, device=self.ctx.device)  # (loss * tokens, tokens)
-        for i, batch in enumerate(batches()):
-            if max_batches and i >= max_batches:
-                break
+        sums = torch.zeros(2, dtype=torch.float64, device=self.ctx.device)  # (sum of losses, tokens)
+        for batch in batches():
             ids, labels = (t.to(self.ctx.device) for t in batch)
             with self._autocast:
-                loss = self.model(input_ids=ids, labels=labels).loss
+                # transformers divides the summed token losses by num_items_in_batch: 1 keeps the sum
+                loss_sum = self.model(input_ids=ids, labels=labels, num_items_in_batch=1).loss
             n = int((labels[:, 1:] != -100).sum())
-            sums += torch.tensor([float(loss) * n, n], dtype=torch.float64, device=self.ctx.device)
+            sums += torch.stack([loss_sum.detach().double(), sums.new_tensor(float(n))])
         sums = sum_over(sums, self.ctx.dp_group)
         loss = float(sums[0] / sums[1].clamp(min=1))
         return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}

@@ -1,19 +1,29 @@
-"""``bdlora-train``: parse (Hydra) -> build -> train -> close. ``torchrun ... bdlora-train key=value``."""
+"""``bdlora-train``: start the process group, compose the config (Hydra), run, close.
+
+Every rank of a ``torchrun`` job runs ``main``. The process group starts before Hydra so that rank
+0 can choose one time stamp for the job: Hydra's default run and sweep directories contain it, so
+every rank resolves the same directory (``hydra.run.dir``, ``hydra.sweep.dir`` and
+``hydra.sweep.subdir`` decide where a run writes; ``run_dir=`` overrides them). Expected failures
+(bad settings, paths, data, damaged checkpoints) end with one ``bdlora-train: error: ...`` line and
+exit code 2; ``BDLORA_TRACEBACK=1`` shows the traceback instead.
+"""
 
 from __future__ import annotations
 
+import os
 import signal
-from pathlib import Path
+import sys
 
 import hydra
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
-from bdlora.parallel.mesh import init_distributed
-from bdlora.train.config import TrainConfig, register_configs
+from bdlora.parallel.comm import broadcast_object
+from bdlora.parallel.mesh import MissingRanksError, RankFailed, init_distributed
+from bdlora.train.config import STAMP_ENV, load_train_config, new_stamp, register_configs
 from bdlora.train.run import run
 
-CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+EXPECTED_ERRORS = (ValueError, OSError, RankFailed, MissingRanksError)
 register_configs()
 
 
@@ -21,21 +31,45 @@ def _sigterm_as_interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
-def main(cfg: DictConfig) -> float:
-    train_cfg: TrainConfig = OmegaConf.to_object(cfg)
+def main() -> None:
+    """The console entry point (``bdlora-train``, ``python -m bdlora.train``), on every rank."""
     signal.signal(signal.SIGTERM, _sigterm_as_interrupt)  # unwind: finally blocks run, files stay whole
     init_distributed()
     try:
-        return run(train_cfg, overrides=_task_overrides())
+        os.environ[STAMP_ENV] = broadcast_object(os.environ.get(STAMP_ENV) or new_stamp())
+        hydra_main()
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
-def _task_overrides() -> list[str]:
+@hydra.main(version_base="1.3", config_path="pkg://bdlora.conf", config_name="config")
+def hydra_main(cfg: DictConfig) -> float:
+    """One job: a single run, or one job of a multirun (Hydra calls it once per job)."""
     from hydra.core.hydra_config import HydraConfig
 
-    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    hydra_cfg = HydraConfig.get()
+    try:
+        train_cfg = load_train_config(cfg)
+        return run(
+            train_cfg,
+            run_dir=hydra_cfg.runtime.output_dir,
+            overrides=list(hydra_cfg.overrides.task),
+            hydra_yaml=OmegaConf.to_yaml(OmegaConf.create({"hydra": hydra_cfg})),
+        )
+    except EXPECTED_ERRORS as err:
+        if os.environ.get("BDLORA_TRACEBACK"):
+            raise
+        _report(err)
+        raise SystemExit(2) from None
+
+
+def _report(err: BaseException) -> None:
+    """One line on rank 0 (rank 0's message reaches every rank), or on the rank that failed."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if rank == 0 or not isinstance(err, RankFailed):
+        where = f" (rank {rank})" if rank else ""
+        print(f"bdlora-train: error{where}: {err}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import resource
+import secrets
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,12 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 class MetricsLogger:
-    """Writes metrics only where ``enabled`` (rank 0); every method is a no-op elsewhere."""
+    """Writes metrics only where ``enabled`` (rank 0); every method is a no-op elsewhere.
+
+    Build it through ``on_all_ranks`` so a failure to open the file or start wandb stops every rank.
+    A write that fails later is kept, not raised, until ``raise_failure`` (which the run calls on
+    every rank, through ``on_all_ranks``, at each checkpoint and at the end).
+    """
 
     def __init__(
         self,
@@ -34,6 +41,7 @@ class MetricsLogger:
     ) -> None:
         self.cfg, self.enabled = cfg, enabled
         self._file = self._bar = self._wandb = None
+        self._failure: Exception | None = None
         if not enabled:
             return
         if cfg.jsonl:
@@ -48,8 +56,18 @@ class MetricsLogger:
             self._wandb = _start_wandb(cfg, run_dir, run_config)
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
-        if not self.enabled:
+        if not self.enabled or self._failure is not None:
             return
+        try:
+            self._write(step, metrics)
+        except Exception as err:  # noqa: BLE001  (raised on every rank by raise_failure)
+            self._failure = err
+
+    def raise_failure(self) -> None:
+        if self._failure is not None:
+            raise OSError(f"writing metrics failed: {self._failure}") from self._failure
+
+    def _write(self, step: int, metrics: dict[str, Any]) -> None:
         record = {"step": step, **metrics}
         if self._file:
             self._file.write(json.dumps(record) + "\n")
@@ -73,24 +91,57 @@ class MetricsLogger:
 
 
 def _drop_records_after(path: Path, step: int) -> None:
-    """A resumed run repeats the steps after its checkpoint: keep one record per step."""
+    """A resumed run repeats the steps after its checkpoint: keep one record per step.
+
+    A line that is no record, such as the last one torn by an interrupted write, is dropped with a
+    warning: the step it was for is run again.
+    """
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    lines = path.read_text(errors="replace").splitlines()
+    kept, unreadable = [], []
+    for number, line in enumerate(lines, start=1):
+        record = _record(line)
+        if record is None and line.strip():
+            unreadable.append(number)
+        elif record is not None and record["step"] <= step:
+            kept.append(line)
+    if unreadable:
+        why = "the last, torn by an interrupted write" if unreadable == [len(lines)] else "not JSON records"
+        warnings.warn(f"{path}: dropped line(s) {unreadable} of {len(lines)} on resume ({why})", stacklevel=2)
     path.write_text("".join(f"{line}\n" for line in kept))
 
 
+def _record(line: str) -> dict | None:
+    """A metrics record, or None for a line that is not one (a torn last write, say)."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("step"), int) else None
+
+
+WANDB_ID_FILE = "wandb_run_id"
+
+
 def _start_wandb(cfg: LoggerConfig, run_dir: Path, run_config: dict[str, Any]):
+    """A wandb run whose id is kept in the run directory: a resumed run continues the same one."""
     import wandb
 
     os.environ.setdefault("WANDB_SILENT", "true")
+    id_file = run_dir / WANDB_ID_FILE
+    run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
     # the API key is read from the environment by wandb itself and never written to config or logs
-    return wandb.init(
+    run = wandb.init(
         project=cfg.wandb.project,
         entity=cfg.wandb.entity,
         mode=cfg.wandb.mode,
         dir=str(run_dir),
         name=run_dir.name,
+        id=run_id,
+        resume="allow",
         tags=list(cfg.wandb.tags),
         config=run_config,
     )
+    id_file.write_text(run_id)
+    return run

@@ -11,32 +11,48 @@ from pathlib import Path
 import yaml
 
 from bdlora.parallel.mesh import on_all_ranks
-from bdlora.parallel.styles import SHARDINGS
-from bdlora.peft_io import FORMATS, save_adapter
+from bdlora.peft_io import save_adapter
 from bdlora.train.checkpoint import Checkpointer
-from bdlora.train.config import CheckpointConfig, TrainConfig
+from bdlora.train.config import CheckpointConfig, TrainConfig, TrainConfigError, plain
 from bdlora.train.context import RunContext, build_context
-from bdlora.train.data import build_loaders
+from bdlora.train.data import build_loaders, fit_seq_len
 from bdlora.train.loop import StepResult, Trainer, build_optimizer, build_scheduler
 from bdlora.train.metrics import MetricsLogger, peak_memory_mb
 from bdlora.train.modeling import build_model, hf_config, resolve_model_dir, tokenizer_for
 
-ENGINES = ("native",)
 
+def run(
+    cfg: TrainConfig,
+    run_dir: str | None = None,
+    overrides: list[str] | None = None,
+    hydra_yaml: str | None = None,
+) -> float:
+    """Train as ``cfg`` says on the already-initialised process group; returns the final eval loss.
 
-def run(cfg: TrainConfig, overrides: list[str] | None = None) -> float:
-    """Train as ``cfg`` says on the already-initialised process group; returns the final eval loss."""
-    _check_choices(cfg)
-    ctx = build_context(cfg.parallel.tp, cfg.parallel.dp, cfg.run_dir, cfg.run_name)
+    ``run_dir``: this rank's choice of directory, Hydra's resolved output directory (which is
+    ``cfg.run_dir`` when set, or ``cfg.run_dir/<job number>`` in a multirun); rank 0's choice is the
+    one every rank uses. Without Hydra, ``cfg.run_dir`` or a fresh ``outputs/<run_name>/<stamp>``.
+    """
+    ctx = build_context(cfg.parallel.tp, cfg.parallel.dp, run_dir or cfg.run_dir, cfg.run_name)
+    cfg.run_dir = str(ctx.run_dir)
+    on_all_ranks(check_run_dir, ctx.run_dir, cfg.checkpoint.resume)  # before anything is written
     adapter = cfg.adapter.build()
     model_dir = on_all_ranks(resolve_model_dir, cfg.model, ctx.is_main)
     tokenizer = tokenizer_for(cfg.model, model_dir)
+    model_config = hf_config(cfg.model, model_dir)
+    cfg.data.seq_len = fit_seq_len(cfg.data.seq_len, model_config, ctx.print0)
     train_loader, eval_loader = on_all_ranks(
-        build_loaders, cfg.data, tokenizer, ctx.dp_rank, ctx.dp_size, hf_config(cfg.model, model_dir)
+        build_loaders,
+        cfg.data,
+        tokenizer,
+        ctx.dp_rank,
+        ctx.dp_size,
+        model_config,
+        cfg.eval_batches * cfg.data.micro_batch_size,
     )
     config_dict = asdict(cfg)
-    if ctx.is_main:
-        _write_run_config(ctx.run_dir, config_dict, overrides or [])
+    files = _run_config_files(config_dict, overrides or [], hydra_yaml)
+    on_all_ranks(lambda: _write_run_config(ctx.run_dir, files) if ctx.is_main else None)
     model = build_model(
         cfg.model, adapter, ctx, model_dir, cfg.parallel.sharding, cfg.parallel.activation_checkpointing
     )
@@ -45,10 +61,8 @@ def run(cfg: TrainConfig, overrides: list[str] | None = None) -> float:
     trainer = Trainer(model, optimizer, scheduler, ctx, cfg.optim)
     checkpointer = Checkpointer(ctx, cfg.checkpoint.keep_last)
     start = _resume(cfg.checkpoint, checkpointer, model, optimizer, scheduler, train_loader, ctx)
-    logger = MetricsLogger(cfg.logger, ctx.run_dir, cfg.steps, ctx.is_main, config_dict, start)
-    evaluate = (
-        (lambda: trainer.evaluate(lambda: iter(eval_loader), cfg.eval_batches)) if eval_loader else dict
-    )
+    logger = on_all_ranks(MetricsLogger, cfg.logger, ctx.run_dir, cfg.steps, ctx.is_main, config_dict, start)
+    evaluate = (lambda: trainer.evaluate(lambda: iter(eval_loader))) if eval_loader else dict
     first_loss = last = None
     initial_eval = evaluate() if start == 0 and cfg.eval_every > 0 else {}
     if initial_eval:
@@ -62,33 +76,43 @@ def run(cfg: TrainConfig, overrides: list[str] | None = None) -> float:
                 **_step_metrics(result, ctx),
                 **(evaluate() if _due(step, cfg.eval_every, cfg.steps) else {}),
             }
-            if step % cfg.logger.log_every == 0 or "eval_loss" in last:
+            if _due(step, cfg.logger.log_every, 0) or "eval_loss" in last:
                 logger.log(step, last)
             logger.advance()
             if _due(step, cfg.checkpoint.every, cfg.steps):
+                on_all_ranks(logger.raise_failure)  # a failed metrics write stops every rank here
                 checkpointer.save(step, model, optimizer, scheduler, train_loader, config_dict)
     finally:
         logger.close()
+    on_all_ranks(logger.raise_failure)
     final_eval = evaluate() if last is None or "eval_loss" not in last else last
     adapter_dir = ctx.run_dir / "adapter"
     if ctx.tp.size > 1 or ctx.is_main:  # sharded: every rank gathers; replicated: rank 0 alone saves
         save_adapter(model, adapter_dir, format=cfg.checkpoint.export_format)
-    _print_summary(ctx, first_loss, last, initial_eval, final_eval, checkpointer, adapter_dir)
+    summary = (first_loss, last, initial_eval, final_eval, checkpointer, adapter_dir)
+    on_all_ranks(lambda: _print_summary(ctx, *summary) if ctx.is_main else None)
     return float(final_eval.get("eval_loss", math.nan))
 
 
-def _check_choices(cfg: TrainConfig) -> None:
-    """Settings used only late in a run, checked before anything is built."""
-    for key, value, valid in (
-        ("parallel.engine", cfg.parallel.engine, ENGINES),
-        ("parallel.sharding", cfg.parallel.sharding, SHARDINGS),
-        ("checkpoint.export_format", cfg.checkpoint.export_format, FORMATS),
-    ):
-        if value not in valid:
-            raise ValueError(f"{key}={value!r}; valid: {', '.join(valid)}")
+def check_run_dir(run_dir: Path, resume: str) -> None:
+    """One run, one directory: a new run (``resume=never``) may not start where another one wrote."""
+    if resume != "never" or not run_dir.is_dir():
+        return
+    found = sorted(p.name for p in run_dir.iterdir() if p.name in RUN_OUTPUTS)
+    if found:
+        raise TrainConfigError(
+            f"run directory {run_dir} already holds another run ({', '.join(found)}). Continue that run "
+            f"with checkpoint.resume=auto, or start this one in a new directory (run_dir=... or "
+            f"hydra.run.dir=...)"
+        )
+
+
+# what a run writes into its directory; any of them there means another run used it
+RUN_OUTPUTS = ("checkpoints", "adapter", "metrics.jsonl", "summary.json")
 
 
 def _due(step: int, every: int, total: int) -> bool:
+    """Step ``total`` always; otherwise every ``every`` steps (0: never)."""
     return step == total or (every > 0 and step % every == 0)
 
 
@@ -97,7 +121,8 @@ def _resume(
 ) -> int:
     if cfg.resume == "never":
         return 0
-    path = checkpointer.latest() if cfg.resume == "auto" else Path(cfg.resume)
+    # verified before anything is read: resume=auto skips damaged checkpoints, a named one must be whole
+    path = checkpointer.latest_intact() if cfg.resume == "auto" else checkpointer.verified(Path(cfg.resume))
     if path is None:
         ctx.print0(f"resume=auto: no complete checkpoint under {checkpointer.root}; starting at step 0")
         return 0
@@ -122,11 +147,22 @@ def _step_metrics(result: StepResult, ctx: RunContext) -> dict:
     return out
 
 
-def _write_run_config(run_dir: Path, config: dict, overrides: list[str]) -> None:
+def _run_config_files(config: dict, overrides: list[str], hydra_yaml: str | None) -> dict[str, str]:
+    """What ``.hydra/`` holds, as Hydra writes it: the resolved config, Hydra's own, the overrides."""
+    files = {
+        "config.yaml": yaml.safe_dump(plain(config), sort_keys=False),
+        "overrides.yaml": yaml.safe_dump(list(overrides)),
+    }
+    if hydra_yaml is not None:
+        files["hydra.yaml"] = hydra_yaml
+    return files
+
+
+def _write_run_config(run_dir: Path, files: dict[str, str]) -> None:
     hydra_dir = run_dir / ".hydra"
     hydra_dir.mkdir(parents=True, exist_ok=True)
-    (hydra_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    (hydra_dir / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    for name, text in files.items():
+        (hydra_dir / name).write_text(text)
 
 
 def _print_summary(
