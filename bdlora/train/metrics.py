@@ -132,7 +132,21 @@ def _start_wandb(cfg: LoggerConfig, run_dir: Path, run_config: dict[str, Any]):
     id_file = run_dir / WANDB_ID_FILE
     run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
     # the API key is read from the environment by wandb itself and never written to config or logs
-    run = wandb.init(
+    try:
+        run = _wandb_init(cfg, run_dir, run_id, run_config)
+    except wandb.errors.Error as err:
+        raise ValueError(
+            f"logger.wandb (mode={cfg.wandb.mode}) could not start: {err} Set WANDB_API_KEY in the "
+            f"environment, or use logger.wandb.mode=offline"
+        ) from err
+    id_file.write_text(run_id)
+    return run
+
+
+def _wandb_init(cfg: LoggerConfig, run_dir: Path, run_id: str, run_config: dict[str, Any]):
+    import wandb
+
+    return wandb.init(
         project=cfg.wandb.project,
         entity=cfg.wandb.entity,
         mode=cfg.wandb.mode,
@@ -143,5 +157,3 @@ def _start_wandb(cfg: LoggerConfig, run_dir: Path, run_config: dict[str, Any]):
         tags=list(cfg.wandb.tags),
         config=run_config,
     )
-    id_file.write_text(run_id)
-    return run
