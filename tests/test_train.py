@@ -34,7 +34,7 @@ from bdlora.train.config import TrainConfig, register_configs
 from tests.conftest import logits
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "bdlora" / "conf"
-GROUPS = ("model", "adapter", "data", "parallel", "optim", "logger", "experiment")
+GROUPS = ("model", "adapter", "data", "parallel", "optim", "logger", "deepspeed", "experiment")
 NEEDS_SOURCE = {("data", "jsonl"), ("data", "hf_json")}  # `source: ???` in the file
 
 # --- tier 1: composition, no process group ------------------------------------------------------

@@ -31,6 +31,7 @@ def from_pretrained(
     sharding: str = "bdlora",
     adapter_dir: str | Path | None = None,
     activation_checkpointing: bool = False,
+    data_parallel: bool = True,
     device: str | torch.device = "cpu",
     seed: int = 0,
 ) -> nn.Module:
@@ -44,7 +45,9 @@ def from_pretrained(
 
     Every rank must call it (with ``mesh=None``: one process).
     """
-    layout = dict(sharding=sharding, activation_checkpointing=activation_checkpointing)
+    layout = dict(
+        sharding=sharding, activation_checkpointing=activation_checkpointing, data_parallel=data_parallel
+    )
     model = on_all_ranks(_build_meta, Path(model_dir), adapter_config, adapter_dir, mesh, dtype, layout)
     model.to_empty(device=device)
     on_all_ranks(_load_base, model, Path(model_dir), dtype)

@@ -81,6 +81,7 @@ def parallelize(
     *,
     sharding: str = "bdlora",
     activation_checkpointing: bool = False,
+    data_parallel: bool = True,
 ) -> nn.Module:
     """Make ``model`` parallel over ``mesh`` in place and return it. Every rank must call it.
 
@@ -93,7 +94,8 @@ def parallelize(
 
     ``mesh``: a ``DeviceMesh`` with a ``tp`` and optionally a ``dp`` dimension
     (``bdlora.parallel.build_mesh``), or None for one process. ``sharding``: ``"bdlora"``, or
-    ``"slora"`` for the dense S-LoRA baseline. Everything is validated before any weight moves.
+    ``"slora"`` for the dense S-LoRA baseline. ``data_parallel=False`` leaves step 3 to another
+    engine (DeepSpeed's ZeRO). Everything is validated before any weight moves.
     Issues no collective itself; replicas must start from equal weights (``apply_bdlora`` draws the
     same factors on every rank from the same seed).
     """
@@ -114,7 +116,7 @@ def parallelize(
     if activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         parallel.activation_checkpointing = True
-    if dp_group is not None:
+    if dp_group is not None and data_parallel:
         parallel.grads = GradientAverager(model, dp_group)
     state_of(model, create=True).parallel = parallel
     return model

@@ -29,7 +29,8 @@ import hashlib
 import json
 import random
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,22 @@ COMPLETE = "COMPLETE"
 MANIFEST = "MANIFEST.json"
 STATE = "trainer_state.json"
 MOMENTS = ("exp_avg", "exp_avg_sq")
+DEEPSPEED_TAG = "deepspeed"
+
+
+@contextmanager
+def full_parameters(engine) -> Iterator[None]:
+    """Under ZeRO 3, the trainable parameters gathered whole (every rank enters); else nothing."""
+    if engine is None or engine.zero_optimization_stage() < 3:
+        yield
+        return
+    import deepspeed
+
+    params = [p for p in engine.module.parameters() if p.requires_grad]
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        yield
+
+
 PYTHON_RNG = "python_random"  # the safetensors metadata key of ``random.getstate()``, as JSON
 
 
@@ -182,8 +199,12 @@ def newest_intact(root: Path, report: Callable[[str], None]) -> Path | None:
 class Checkpointer:
     """Saves and restores everything a resumed run needs to continue bit-for-bit (CPU, fp32)."""
 
-    def __init__(self, ctx: RunContext, keep_last: int = 2, adapter_name: str = "default") -> None:
-        self.ctx, self.keep_last, self.adapter = ctx, keep_last, adapter_name
+    def __init__(
+        self, ctx: RunContext, keep_last: int = 2, adapter_name: str = "default", engine=None
+    ) -> None:
+        """``engine``: a DeepSpeed engine, whose own checkpoint (adapter and partitioned optimizer
+        state, frozen base excluded) goes into ``deepspeed/`` beside bdlora's files."""
+        self.ctx, self.keep_last, self.adapter, self.engine = ctx, keep_last, adapter_name, engine
         self.root = ctx.run_dir / "checkpoints"
 
     # -- save -------------------------------------------------------------------------------------
@@ -203,8 +224,13 @@ class Checkpointer:
 
     def _write_shards(self, tmp: Path, step: int, model, optimizer, scheduler, loader, config) -> None:
         writes_shard = self.ctx.dp_rank == 0  # DP replicas hold the same shards
-        save_sharded_adapter(model, tmp, self.adapter, write=writes_shard)
-        if writes_shard:
+        if self.engine is not None:
+            self.engine.save_checkpoint(
+                tmp, tag=DEEPSPEED_TAG, save_latest=False, exclude_frozen_parameters=True
+            )
+        with full_parameters(self.engine):  # the adapter shards bdlora reads back, and export reads
+            save_sharded_adapter(model, tmp, self.adapter, write=writes_shard)
+        if writes_shard and self.engine is None:
             save_shard_file(tmp, "optim", self._moments(model, optimizer), self.ctx.tp.rank, self.ctx.tp.size)
         _save_rng_state(tmp / rng_file_name(self.ctx.rank))
         if self.ctx.is_main:
@@ -269,8 +295,11 @@ class Checkpointer:
         if not (path / COMPLETE).is_file():
             raise FileNotFoundError(f"{path} is not a complete checkpoint (no {COMPLETE} marker)")
         state = json.loads((path / STATE).read_text())
-        restore_adapter_(model, path, self.adapter)
-        self._restore_moments(path, state, model, optimizer)
+        if self.engine is not None:
+            self._restore_engine(path, state)
+        else:
+            restore_adapter_(model, path, self.adapter)
+            self._restore_moments(path, state, model, optimizer)
         scheduler.load_state_dict(state["scheduler"])
         # the scheduler's state holds the lr it last set, but the rebuilt optimizer still has step 0's
         for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
@@ -280,6 +309,25 @@ class Checkpointer:
         if state["world_size"] == self.ctx.world_size and rng.is_file():
             _load_rng_state(rng)
         return state
+
+    def _restore_engine(self, path: Path, state: dict) -> None:
+        """DeepSpeed's checkpoint: the adapter and its partitioned optimizer state, same layout only."""
+        if not (path / DEEPSPEED_TAG).is_dir():
+            raise CheckpointDamaged(
+                f"{path} was written by the native engine (no {DEEPSPEED_TAG}/); resume it with "
+                "parallel.engine=native, or export its adapter and start a new DeepSpeed run"
+            )
+        saved = (state["world_size"], state["tp"])
+        if saved != (self.ctx.world_size, self.ctx.tp.size):
+            raise ValueError(
+                f"{path}: a DeepSpeed checkpoint resumes at the layout it was saved at (world size "
+                f"{saved[0]}, tp={saved[1]}; now {self.ctx.world_size}, tp={self.ctx.tp.size}) because ZeRO "
+                "partitions the optimizer state by it; resume with that layout, or with the native engine "
+                "(parallel.engine=native reshards to any TP degree)"
+            )
+        self.engine.load_checkpoint(
+            path, tag=DEEPSPEED_TAG, load_module_strict=False, load_lr_scheduler_states=False
+        )
 
     @torch.no_grad()
     def _restore_moments(self, path: Path, state: dict, model: nn.Module, optimizer) -> None:

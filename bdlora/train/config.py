@@ -33,7 +33,7 @@ ModelSource = _choices("ModelSource", ("preset", "path", "smollm2"))
 InitStrategy = _choices("InitStrategy", INIT_STRATEGIES)
 UnmatchedAction = _choices("UnmatchedAction", UNMATCHED_ACTIONS)
 Sharding = _choices("Sharding", SHARDINGS)
-Engine = _choices("Engine", ("native",))
+Engine = _choices("Engine", ("native", "deepspeed"))
 Schedule = _choices("Schedule", ("cosine", "constant"))
 WandbMode = _choices("WandbMode", ("offline", "online", "disabled"))
 ExportFormat = _choices("ExportFormat", FORMATS)
@@ -85,6 +85,19 @@ class ParallelConfig:
 
 
 @dataclass
+class DeepSpeedConfig:
+    """``parallel.engine=deepspeed``: DeepSpeed settings merged into those the trainer derives.
+
+    ``config``: DeepSpeed's own keys (the ``deepspeed/`` group sets ``zero_optimization``);
+    ``config_file``: a DeepSpeed JSON or YAML of your own, merged under ``config``. Batch size,
+    accumulation, clipping, optimizer and scheduler come from the trainer's settings.
+    """
+
+    config: dict[str, Any] = field(default_factory=dict)
+    config_file: str | None = None
+
+
+@dataclass
 class OptimConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
@@ -131,6 +144,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     steps: int = 100
     eval_every: int = 50  # 0: only at the end
     eval_batches: int = 0  # 0: the whole eval split

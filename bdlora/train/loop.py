@@ -102,20 +102,15 @@ class Trainer:
     def train_step(self, batches: Iterator, count_comm: bool = False) -> StepResult:
         """One optimizer step over ``grad_accum`` micro-batches on every DP rank.
 
-        The loss is the mean over every target token of the step, however the micro-batches and DP
-        ranks split them: each micro-batch's summed loss is divided by the step's token count (one
-        DP all-reduce), times the DP degree that the gradient average divides by. Gradients are
-        averaged over DP (``parallelize``'s hook) in the last micro-batch's backward only.
+        Gradients are averaged over DP (``parallelize``'s hook) in the last micro-batch's backward
+        only; the norm is taken across TP shards, then clipped.
         """
         start = time.perf_counter()
         self.model.train()
-        counter = CommCounter({"tp": self.ctx.tp.group, "dp": self.ctx.dp_group}) if count_comm else None
-        micro = [tuple(t.to(self.ctx.device) for t in next(batches)) for _ in range(self.cfg.grad_accum)]
-        total, tokens = torch.zeros((), device=self.ctx.device), 0
+        counter = self._counter(count_comm)
         with counter or nullcontext():
-            targets = sum(int((labels[:, 1:] != -100).sum()) for _, labels in micro)
-            step_targets = sum_over(torch.tensor(float(targets), device=self.ctx.device), self.ctx.dp_group)
-            per_rank = float(step_targets.clamp(min=1)) / self.ctx.dp_size
+            micro, per_rank = self.micro_batches(batches)
+            total = torch.zeros((), device=self.ctx.device)
             for i, (ids, labels) in enumerate(micro):
                 last = i == len(micro) - 1
                 with nullcontext() if last else no_sync(self.model):
@@ -123,15 +118,32 @@ class Trainer:
                         loss = self.model(input_ids=ids, labels=labels, num_items_in_batch=per_rank).loss
                     loss.backward()
                 total += loss.detach()
-                tokens += ids.numel()
         norm = clip_grad_norm_(self.model, self.cfg.max_grad_norm, self.ctx, self._sharded)
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        loss_value = self._dp_mean(total)
+        return self._result(total, norm, lr, micro, start, counter)
+
+    def micro_batches(self, batches: Iterator) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], float]:
+        """The step's micro-batches, and the divisor that makes their losses one token-weighted mean.
+
+        The loss is the mean over every target token of the step, however micro-batches and DP ranks
+        split them: each micro-batch's summed loss is divided by the step's token count (one DP
+        all-reduce), times the DP degree that the gradient average divides by.
+        """
+        micro = [tuple(t.to(self.ctx.device) for t in next(batches)) for _ in range(self.cfg.grad_accum)]
+        targets = sum(int((labels[:, 1:] != -100).sum()) for _, labels in micro)
+        step_targets = sum_over(torch.tensor(float(targets), device=self.ctx.device), self.ctx.dp_group)
+        return micro, float(step_targets.clamp(min=1)) / self.ctx.dp_size
+
+    def _counter(self, count_comm: bool) -> CommCounter | None:
+        return CommCounter({"tp": self.ctx.tp.group, "dp": self.ctx.dp_group}) if count_comm else None
+
+    def _result(self, total, norm: float, lr: float, micro: list, start: float, counter) -> StepResult:
+        tokens = sum(ids.numel() for ids, _ in micro)
         return StepResult(
-            loss_value,
+            self._dp_mean(total),
             norm,
             lr,
             tokens * self.ctx.dp_size,

@@ -34,6 +34,7 @@ def _sigterm_as_interrupt(signum, frame):
 def main() -> None:
     """The console entry point (``bdlora-train``, ``python -m bdlora.train``), on every rank."""
     signal.signal(signal.SIGTERM, _sigterm_as_interrupt)  # unwind: finally blocks run, files stay whole
+    _take_local_rank_argument()
     init_distributed()
     try:
         os.environ[STAMP_ENV] = broadcast_object(os.environ.get(STAMP_ENV) or new_stamp())
@@ -62,6 +63,20 @@ def hydra_main(cfg: DictConfig) -> float:
             raise
         _report(err)
         raise SystemExit(2) from None
+
+
+def _take_local_rank_argument() -> None:
+    """The ``deepspeed`` launcher passes ``--local_rank=N``, which Hydra would reject: move it to
+    ``LOCAL_RANK`` (torchrun's variable) and off the command line."""
+    args, kept = sys.argv[1:], [sys.argv[0]]
+    while args:
+        arg = args.pop(0)
+        name, _, value = arg.partition("=")
+        if name in ("--local_rank", "--local-rank"):
+            os.environ["LOCAL_RANK"] = value or args.pop(0)
+        else:
+            kept.append(arg)
+    sys.argv[:] = kept
 
 
 def _report(err: BaseException) -> None:

@@ -90,16 +90,27 @@ def build_model(
     model_dir: Path | None,
     sharding: str = "bdlora",
     activation_checkpointing: bool = False,
+    data_parallel: bool = True,
 ) -> nn.Module:
-    """The parallelized base model with a fresh adapter, seeded so every TP degree draws the same one."""
+    """The parallelized base model with a fresh adapter, seeded so every TP degree draws the same one.
+
+    ``data_parallel=False``: DP gradient averaging is left to another engine (DeepSpeed).
+    """
     dtype = getattr(torch, cfg.dtype)
     layout = dict(sharding=sharding, activation_checkpointing=activation_checkpointing)
     if model_dir is not None:
         return from_pretrained(
-            model_dir, adapter, mesh=ctx.mesh, dtype=dtype, device=ctx.device, seed=cfg.seed, **layout
+            model_dir,
+            adapter,
+            mesh=ctx.mesh,
+            dtype=dtype,
+            device=ctx.device,
+            seed=cfg.seed,
+            data_parallel=data_parallel,
+            **layout,
         )
     model = build_preset(cfg.name, seed=cfg.seed).to(dtype=dtype, device=ctx.device)
-    parallelize(model, ctx.mesh, **layout)
+    parallelize(model, ctx.mesh, data_parallel=data_parallel, **layout)
     torch.manual_seed(cfg.seed)
     apply_bdlora(model, adapter)
     return model

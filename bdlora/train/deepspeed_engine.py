@@ -1,0 +1,150 @@
+"""``parallel.engine=deepspeed``: DeepSpeed's ZeRO over the mesh's DP group; bdlora's TP unchanged.
+
+The model is built and ``parallelize``d exactly as for the native engine, except that DP gradient
+averaging is left to DeepSpeed. Only the adapter parameters go to ``deepspeed.initialize``, with
+bdlora's own AdamW and schedule, the mesh as DeepSpeed's model-parallel unit, and every TP-sharded
+trainable parameter marked for a TP-aware clip norm (``bdlora.parallel.deepspeed_mpu``).
+
+The DeepSpeed config is derived from the trainer's settings (micro batch, accumulation, clipping)
+and merged with ``deepspeed.config`` (the ``deepspeed/`` config group: ``zero1``, ``zero2``,
+``zero3``) and ``deepspeed.config_file`` (a JSON or YAML of your own). A value there that
+contradicts a trainer setting is an error naming both; so is an ``optimizer`` or ``scheduler``
+section, which the trainer's ``optim`` settings decide.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+
+from bdlora.parallel.deepspeed_mpu import MeshMPU, mark_tp_sharded
+from bdlora.train.config import TrainConfig, TrainConfigError
+from bdlora.train.context import RunContext
+from bdlora.train.loop import StepResult, Trainer
+
+OWNED_SECTIONS = {"optimizer": "optim.lr / optim.betas / optim.weight_decay", "scheduler": "optim.schedule"}
+
+
+def derived_settings(cfg: TrainConfig, dp_size: int) -> dict[str, tuple[Any, str]]:
+    """DeepSpeed key -> (value, the trainer setting that decides it)."""
+    micro, accum = cfg.data.micro_batch_size, cfg.optim.grad_accum
+    return {
+        "train_micro_batch_size_per_gpu": (micro, "data.micro_batch_size"),
+        "gradient_accumulation_steps": (accum, "optim.grad_accum"),
+        "train_batch_size": (micro * accum * dp_size, "data.micro_batch_size * optim.grad_accum * dp"),
+        "gradient_clipping": (max(cfg.optim.max_grad_norm, 0.0), "optim.max_grad_norm"),
+    }
+
+
+def read_config_file(path: str) -> dict[str, Any]:
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"deepspeed.config_file={path!r}: no such file")
+    text = file.read_text()
+    data = json.loads(text) if file.suffix == ".json" else yaml.safe_load(text)
+    if not isinstance(data, dict):
+        raise TrainConfigError(f"deepspeed.config_file={path!r} holds no mapping of DeepSpeed settings")
+    return data
+
+
+def build_ds_config(cfg: TrainConfig, dp_size: int) -> dict[str, Any]:
+    """The DeepSpeed config: the user's sections, then the trainer's settings, checked for conflicts."""
+    user = read_config_file(cfg.deepspeed.config_file) if cfg.deepspeed.config_file else {}
+    user = _deep_merge(user, cfg.deepspeed.config)
+    for section, decided_by in OWNED_SECTIONS.items():
+        if section in user:
+            raise TrainConfigError(
+                f"the DeepSpeed config has a {section!r} section; the trainer's {decided_by} decide it "
+                f"(the same for both engines): remove the section"
+            )
+    out = {**user, "zero_allow_untested_optimizer": True, "steps_per_print": 2**31 - 1}
+    for key, (value, setting) in derived_settings(cfg, dp_size).items():
+        if key in user and user[key] != value:
+            raise TrainConfigError(
+                f"the DeepSpeed config sets {key}={user[key]!r}, but {setting} gives {value!r}; the "
+                f"trainer's setting decides it: remove {key} or change {setting}"
+            )
+        out[key] = value
+    return out
+
+
+def _deep_merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def initialize(model: nn.Module, optimizer, scheduler, ctx: RunContext, cfg: TrainConfig):
+    """The DeepSpeed engine over the adapter parameters; its DP and TP sizes checked against the mesh."""
+    if ctx.device.type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="nccl" if ctx.device.type == "cuda" else "gloo")
+    mark_tp_sharded(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        model_parameters=params,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        mpu=MeshMPU(ctx.mesh),
+        config=build_ds_config(cfg, ctx.dp_size),
+    )
+    check_engine_layout(engine.dp_world_size, engine.mp_world_size, ctx)
+    return engine
+
+
+def check_engine_layout(dp: int, tp: int, ctx: RunContext) -> None:
+    if (dp, tp) != (ctx.dp_size, ctx.tp.size):
+        raise TrainConfigError(
+            f"DeepSpeed runs at dp={dp} x tp={tp} but the mesh is dp={ctx.dp_size} x tp={ctx.tp.size}: "
+            f"it was not given the mesh's groups, and would average different TP shards"
+        )
+
+
+class DeepSpeedTrainer(Trainer):
+    """``Trainer``'s step and eval, with the backward, DP averaging, clipping and AdamW step done
+    by the DeepSpeed engine (``engine.step`` steps the optimizer at the accumulation boundary)."""
+
+    def __init__(self, engine, ctx: RunContext, cfg) -> None:
+        super().__init__(engine, engine.optimizer, engine.lr_scheduler, ctx, cfg)
+        self.engine = engine
+
+    def train_step(self, batches: Iterator, count_comm: bool = False) -> StepResult:
+        start = time.perf_counter()
+        self.engine.train()
+        counter = self._counter(count_comm)
+        lr = self.optimizer.param_groups[0]["lr"]
+        # counted as in the native step: forward and backward, not the optimizer step (whose clip
+        # norm all-reduces one float over TP in both engines)
+        with counter or nullcontext():
+            micro, per_rank = self.micro_batches(batches)
+        total = torch.zeros((), device=self.ctx.device)
+        for ids, labels in micro:
+            with counter or nullcontext():
+                with self._autocast:
+                    loss = self.engine(input_ids=ids, labels=labels, num_items_in_batch=per_rank).loss
+                self.engine.backward(loss, scale_wrt_gas=False)  # the loss is already the step's mean
+            self.engine.step()
+            total += loss.detach()
+        norm = self.engine.get_global_grad_norm()
+        return self._result(total, float(norm or 0.0), lr, micro, start, counter)
+
+
+def shm_cache_dir() -> str:
+    """Where torch keeps DeepSpeed's compiled CPU communication op (``TORCH_EXTENSIONS_DIR``)."""
+    return os.environ.get("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))
