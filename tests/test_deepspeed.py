@@ -227,3 +227,18 @@ def test_kill_and_resume_under_deepspeed_reproduces_the_uninterrupted_losses(tmp
     assert got.keys() == expected.keys() == set(range(1, 13))
     for step, loss in got.items():
         assert abs(loss - expected[step]) < 1e-6, (step, loss, expected[step])
+
+
+def test_a_deepspeed_checkpoint_resumes_only_at_its_layout(tmp_path):
+    from types import SimpleNamespace
+
+    from bdlora.train.checkpoint import CheckpointDamaged, Checkpointer
+
+    ctx = SimpleNamespace(run_dir=tmp_path, world_size=2, tp=SimpleNamespace(size=1))
+    checkpointer = Checkpointer(ctx, engine=SimpleNamespace(load_checkpoint=None))
+    (tmp_path / "deepspeed").mkdir()
+    with pytest.raises(ValueError, match=r"world size 4, tp=2; now 2, tp=1.*parallel.engine=native"):
+        checkpointer._restore_engine(tmp_path, {"world_size": 4, "tp": 2})
+    (tmp_path / "deepspeed").rmdir()
+    with pytest.raises(CheckpointDamaged, match="written by the native engine"):
+        checkpointer._restore_engine(tmp_path, {"world_size": 2, "tp": 1})
