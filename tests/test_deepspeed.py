@@ -62,7 +62,11 @@ def final_adapter(run_dir: Path) -> dict[str, torch.Tensor]:
     return adapter_state(complete_checkpoints(run_dir / "checkpoints")[-1])
 
 
-def assert_same_run(got: Path, expected: Path, name: str) -> None:
+def assert_same_run(got: Path, expected: Path, name: str, same_tp: Path | None = None) -> None:
+    """Losses and grad norms as the one-process native run ``expected``; the final adapter as the
+    native run at the same TP degree (``same_tp``, default ``expected``): TP changes the order of
+    the sums, and AdamW normalises each element's gradient, so across TP degrees rounding noise on
+    near-zero gradients (B starts at 0) moves a few elements by ~2e-5 in four steps at lr 1e-2."""
     losses, reference = by_step(read_metrics(got)), by_step(read_metrics(expected))
     assert losses.keys() == reference.keys() == {1, 2, 3, 4}
     for step, loss in reference.items():
@@ -72,11 +76,9 @@ def assert_same_run(got: Path, expected: Path, name: str) -> None:
     torch.testing.assert_close(
         by_step(read_metrics(got), "grad_norm"), norms, rtol=1e-5, atol=1e-6, msg=f"{name} grad norms"
     )
-    reference_adapter = final_adapter(expected)
+    reference_adapter = final_adapter(same_tp or expected)
     for key, value in final_adapter(got).items():
-        # AdamW normalises each element's gradient: rounding noise on near-zero gradients (B starts
-        # at 0) moves a few elements by up to ~3e-5 after four steps at lr 1e-2
-        torch.testing.assert_close(value, reference_adapter[key], atol=1e-4, rtol=1e-4, msg=f"{name} {key}")
+        torch.testing.assert_close(value, reference_adapter[key], atol=1e-5, rtol=1e-5, msg=f"{name} {key}")
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +137,8 @@ def test_zero_matches_the_native_engine(native, tmp_path, layout, stage):
     micro = 8 // (nproc // tp)  # 8 rows per step over the DP ranks, as in the reference
     ds_args = ["parallel.engine=deepspeed", f"deepspeed=zero{stage}", f"parallel.tp={tp}"]
     run = trained(tmp_path, "ds", nproc, *ds_args, f"data.micro_batch_size={micro}")
-    assert_same_run(run, native["reference"], f"{layout} zero{stage}")
+    same_tp = native["tp2"] if tp == 2 else native["reference"]
+    assert_same_run(run, native["reference"], f"{layout} zero{stage}", same_tp)
     if layout == "tp2":  # the adapter adds no TP collective under DeepSpeed either
         first = read_metrics(run)[0]
         expected = read_metrics(native["tp2"])[0]
