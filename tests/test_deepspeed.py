@@ -129,9 +129,12 @@ def test_an_engine_on_the_wrong_groups_is_refused():
 # --- real DeepSpeed runs -----------------------------------------------------------------------------
 
 
+# DP 2 x TP 1 under ZeRO 1 runs through launch/deepspeed.sh, in the launcher's test below
+CASES = [(layout, stage) for layout in LAYOUTS for stage in (1, 2) if (layout, stage) != ("dp2", 1)]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [1, 2])
-@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize(("layout", "stage"), CASES)
 def test_zero_matches_the_native_engine(native, tmp_path, layout, stage):
     nproc, tp = LAYOUTS[layout]
     micro = 8 // (nproc // tp)  # 8 rows per step over the DP ranks, as in the reference
