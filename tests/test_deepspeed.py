@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -25,12 +24,11 @@ from bdlora.train.deepspeed_engine import build_ds_config, check_engine_layout
 from tests.test_train import (
     adapter_state,
     by_step,
+    interrupt,
     output_of,
     read_metrics,
     train,
-    train_command,
     train_env,
-    wait_for_step,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -207,24 +205,7 @@ def test_kill_and_resume_under_deepspeed_reproduces_the_uninterrupted_losses(tmp
     first = train(2, *args, f"run_dir={reference}", cwd=tmp_path)
     assert first.returncode == 0, output_of(first)
     run_dir = tmp_path / "interrupted"
-    with (tmp_path / "interrupted.log").open("w") as log:
-        proc = subprocess.Popen(
-            train_command(2, *args, f"run_dir={run_dir}"),
-            cwd=tmp_path,
-            env=train_env(),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        try:
-            seen = wait_for_step(proc, run_dir / "metrics.jsonl", 5, timeout=300)
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=120)
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+    proc, seen = interrupt(2, args, run_dir, after_step=5)
     assert seen >= 5 and proc.returncode != 0, (tmp_path / "interrupted.log").read_text()
     assert read_metrics(run_dir)[-1]["step"] < 12, "the run ended before the interrupt"
     result = train(2, *args, "checkpoint.resume=auto", f"run_dir={run_dir}", cwd=tmp_path)

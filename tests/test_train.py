@@ -275,20 +275,20 @@ def wait_for_step(proc: subprocess.Popen, metrics: Path, step: int, timeout: flo
     return seen
 
 
-@pytest.mark.slow
-def test_kill_and_resume_reproduces_the_uninterrupted_losses(baseline, tmp_path):
-    run_dir = tmp_path / "run"
-    with (tmp_path / "interrupted.log").open("w") as log:
+def interrupt(nproc: int, args: list[str], run_dir: Path, after_step: int) -> tuple[subprocess.Popen, int]:
+    """Start a run, SIGTERM its process group once metrics.jsonl shows ``after_step``; returns the
+    finished process and the last step it had logged. The log goes beside ``run_dir``."""
+    with (run_dir.parent / "interrupted.log").open("w") as log:
         proc = subprocess.Popen(
-            train_command(2, *RUN_ARGS, f"run_dir={run_dir}"),
-            cwd=tmp_path,
+            train_command(nproc, *args, f"run_dir={run_dir}"),
+            cwd=run_dir.parent,
             env=train_env(),
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # torchrun and its workers form one process group
         )
         try:
-            seen = wait_for_step(proc, run_dir / "metrics.jsonl", KILL_AFTER, timeout=RUN_TIMEOUT)
+            seen = wait_for_step(proc, run_dir / "metrics.jsonl", after_step, timeout=RUN_TIMEOUT)
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(timeout=120)
@@ -296,6 +296,13 @@ def test_kill_and_resume_reproduces_the_uninterrupted_losses(baseline, tmp_path)
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+    return proc, seen
+
+
+@pytest.mark.slow
+def test_kill_and_resume_reproduces_the_uninterrupted_losses(baseline, tmp_path):
+    run_dir = tmp_path / "run"
+    proc, seen = interrupt(2, RUN_ARGS, run_dir, KILL_AFTER)
     interrupted = read_metrics(run_dir)
     assert seen >= KILL_AFTER, (tmp_path / "interrupted.log").read_text()
     assert proc.returncode != 0 and interrupted[-1]["step"] < STEPS, "the run ended before the interrupt"
