@@ -29,8 +29,7 @@ import hashlib
 import json
 import random
 import shutil
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -52,25 +51,13 @@ from bdlora.parallel.comm import broadcast_object
 from bdlora.parallel.mesh import on_all_ranks
 from bdlora.parallel.styles import take_shard
 from bdlora.train.context import RunContext
+from bdlora.train.deepspeed_engine import full_parameters
 
 COMPLETE = "COMPLETE"
 MANIFEST = "MANIFEST.json"
 STATE = "trainer_state.json"
 MOMENTS = ("exp_avg", "exp_avg_sq")
 DEEPSPEED_TAG = "deepspeed"
-
-
-@contextmanager
-def full_parameters(engine) -> Iterator[None]:
-    """Under ZeRO 3, the trainable parameters gathered whole (every rank enters); else nothing."""
-    if engine is None or engine.zero_optimization_stage() < 3:
-        yield
-        return
-    import deepspeed
-
-    params = [p for p in engine.module.parameters() if p.requires_grad]
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-        yield
 
 
 PYTHON_RNG = "python_random"  # the safetensors metadata key of ``random.getstate()``, as JSON

@@ -18,7 +18,7 @@ import json
 import os
 import time
 from collections.abc import Iterator
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -87,8 +87,9 @@ def _deep_merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def initialize(model: nn.Module, optimizer, scheduler, ctx: RunContext, cfg: TrainConfig):
-    """The DeepSpeed engine over the adapter parameters; its DP and TP sizes checked against the mesh."""
+def initialize(model: nn.Module, optimizer, scheduler, ctx: RunContext, ds_config: dict[str, Any]):
+    """The DeepSpeed engine over the adapter parameters (``ds_config`` from ``build_ds_config``);
+    its DP and TP sizes checked against the mesh."""
     if ctx.device.type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
@@ -102,7 +103,7 @@ def initialize(model: nn.Module, optimizer, scheduler, ctx: RunContext, cfg: Tra
         optimizer=optimizer,
         lr_scheduler=scheduler,
         mpu=MeshMPU(ctx.mesh),
-        config=build_ds_config(cfg, ctx.dp_size),
+        config=ds_config,
     )
     check_engine_layout(engine.dp_world_size, engine.mp_world_size, ctx)
     return engine
@@ -114,6 +115,19 @@ def check_engine_layout(dp: int, tp: int, ctx: RunContext) -> None:
             f"DeepSpeed runs at dp={dp} x tp={tp} but the mesh is dp={ctx.dp_size} x tp={ctx.tp.size}: "
             f"it was not given the mesh's groups, and would average different TP shards"
         )
+
+
+@contextmanager
+def full_parameters(engine) -> Iterator[None]:
+    """Under ZeRO 3, the trainable parameters gathered whole (every rank enters); else nothing."""
+    if engine is None or engine.zero_optimization_stage() < 3:
+        yield
+        return
+    import deepspeed
+
+    params = [p for p in engine.module.parameters() if p.requires_grad]
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        yield
 
 
 class DeepSpeedTrainer(Trainer):
@@ -143,8 +157,3 @@ class DeepSpeedTrainer(Trainer):
             total += loss.detach()
         norm = self.engine.get_global_grad_norm()
         return self._result(total, float(norm or 0.0), lr, micro, start, counter)
-
-
-def shm_cache_dir() -> str:
-    """Where torch keeps DeepSpeed's compiled CPU communication op (``TORCH_EXTENSIONS_DIR``)."""
-    return os.environ.get("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))

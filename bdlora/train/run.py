@@ -13,7 +13,7 @@ import yaml
 from bdlora.parallel.mesh import on_all_ranks
 from bdlora.peft_io import save_adapter
 from bdlora.train import deepspeed_engine as ds
-from bdlora.train.checkpoint import Checkpointer, full_parameters
+from bdlora.train.checkpoint import Checkpointer
 from bdlora.train.config import CheckpointConfig, TrainConfig, TrainConfigError, plain
 from bdlora.train.context import RunContext, build_context
 from bdlora.train.data import build_loaders, fit_seq_len
@@ -37,8 +37,9 @@ def run(
     ctx = build_context(cfg.parallel.tp, cfg.parallel.dp, run_dir or cfg.run_dir, cfg.run_name)
     cfg.run_dir = str(ctx.run_dir)
     on_all_ranks(check_run_dir, ctx.run_dir, cfg.checkpoint.resume)  # before anything is written
-    if cfg.parallel.engine == "deepspeed":  # a conflicting DeepSpeed setting fails before any build
-        on_all_ranks(ds.build_ds_config, cfg, ctx.dp_size)
+    ds_config = None  # a conflicting DeepSpeed setting fails here, before anything is built
+    if cfg.parallel.engine == "deepspeed":
+        ds_config = on_all_ranks(ds.build_ds_config, cfg, ctx.dp_size)
     adapter = cfg.adapter.build()
     model_dir = on_all_ranks(resolve_model_dir, cfg.model, ctx.is_main)
     tokenizer = tokenizer_for(cfg.model, model_dir)
@@ -56,7 +57,7 @@ def run(
     config_dict = asdict(cfg)
     files = _run_config_files(config_dict, overrides or [], hydra_yaml)
     on_all_ranks(lambda: _write_run_config(ctx.run_dir, files) if ctx.is_main else None)
-    model, optimizer, scheduler, engine, trainer = _build_training(cfg, adapter, ctx, model_dir)
+    model, optimizer, scheduler, engine, trainer = _build_training(cfg, adapter, ctx, model_dir, ds_config)
     checkpointer = Checkpointer(ctx, cfg.checkpoint.keep_last, engine=engine)
     start = _resume(cfg.checkpoint, checkpointer, model, optimizer, scheduler, train_loader, ctx)
     logger = on_all_ranks(MetricsLogger, cfg.logger, ctx.run_dir, cfg.steps, ctx.is_main, config_dict, start)
@@ -85,7 +86,7 @@ def run(
     on_all_ranks(logger.raise_failure)
     final_eval = evaluate() if last is None or "eval_loss" not in last else last
     adapter_dir = ctx.run_dir / "adapter"
-    with full_parameters(engine):
+    with ds.full_parameters(engine):
         if ctx.tp.size > 1 or ctx.is_main:  # sharded: every rank gathers; replicated: rank 0 alone saves
             save_adapter(model, adapter_dir, format=cfg.checkpoint.export_format)
     summary = (first_loss, last, initial_eval, final_eval, checkpointer, adapter_dir)
@@ -93,9 +94,9 @@ def run(
     return float(final_eval.get("eval_loss", math.nan))
 
 
-def _build_training(cfg: TrainConfig, adapter, ctx: RunContext, model_dir):
+def _build_training(cfg: TrainConfig, adapter, ctx: RunContext, model_dir, ds_config: dict | None):
     """The model, optimizer, schedule, DeepSpeed engine (None for the native engine) and trainer."""
-    deepspeed = cfg.parallel.engine == "deepspeed"
+    deepspeed = ds_config is not None
     model = build_model(
         cfg.model,
         adapter,
@@ -109,7 +110,7 @@ def _build_training(cfg: TrainConfig, adapter, ctx: RunContext, model_dir):
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.steps)
     if not deepspeed:
         return model, optimizer, scheduler, None, Trainer(model, optimizer, scheduler, ctx, cfg.optim)
-    engine = on_all_ranks(ds.initialize, model, optimizer, scheduler, ctx, cfg)
+    engine = on_all_ranks(ds.initialize, model, optimizer, scheduler, ctx, ds_config)
     return model, optimizer, scheduler, engine, ds.DeepSpeedTrainer(engine, ctx, cfg.optim)
 
 
