@@ -313,9 +313,14 @@ def test_kill_and_resume_reproduces_the_uninterrupted_losses(baseline, tmp_path)
     last = complete[-1]
     resumed_at = int((last / COMPLETE).read_text())
     assert last.name == step_dir_name(resumed_at) and resumed_at >= CKPT_EVERY
-    # intact and loadable, and equal to the uninterrupted run's adapter at that step
-    restored = adapter_state(last)
-    reference = adapter_state(baseline.run_dir / "checkpoints" / last.name)
+    # SIGTERM asks for a stop: every rank finishes the step it is in, and that step is checkpointed
+    log = (tmp_path / "interrupted.log").read_text()
+    assert f"stopped by SIGTERM after step {resumed_at}" in log, log
+    assert interrupted[-1]["step"] == resumed_at, (interrupted[-1], resumed_at)
+    # the periodic checkpoints before the stop are intact and equal to the uninterrupted run's
+    periodic = step_dir_name(resumed_at // CKPT_EVERY * CKPT_EVERY)
+    restored = adapter_state(root / periodic)
+    reference = adapter_state(baseline.run_dir / "checkpoints" / periodic)
     assert restored.keys() == reference.keys() and restored
     for name, value in restored.items():
         assert torch.equal(value, reference[name]), name

@@ -114,6 +114,15 @@ def sum_over(tensor: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Ten
     return out
 
 
+def max_over(tensor: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """A copy of ``tensor``'s elementwise maximum over ``group`` (the tensor itself without one)."""
+    if group is None or dist.get_world_size(group) == 1:
+        return tensor
+    out = tensor.clone()
+    dist.all_reduce(out, op=dist.ReduceOp.MAX, group=group)
+    return out
+
+
 def mean_over(tensor: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
     if group is None:
         return tensor

@@ -13,6 +13,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from bdlora.parallel.comm import TPGroup
+from bdlora.parallel.launcher_env import detect
 
 
 @dataclass(frozen=True)
@@ -50,13 +51,16 @@ def device_type() -> str:
 
 
 def init_distributed() -> int:
-    """Start the default process group from torchrun's environment (once); returns the world size.
+    """Start the default process group (once) from the launcher's environment; returns the world
+    size.
 
-    Without torchrun's variables this is a world of one, rendezvousing through a private file so
-    that concurrent single-process runs never compete for a port.
+    torchrun, ``srun`` with one process per task, and submitit's local executor are recognised
+    (``launcher_env.detect``). A single process rendezvouses through a private file, so that
+    concurrent single-process runs never compete for a port.
     """
     if not dist.is_initialized():
-        if "RANK" not in os.environ:
+        launch = detect()
+        if launch.world_size == 1:
             store = tempfile.NamedTemporaryFile(prefix="bdlora-pg-", delete=False)  # noqa: SIM115
             store.close()
             os.unlink(store.name)
@@ -64,8 +68,9 @@ def init_distributed() -> int:
                 default_backend(), init_method=f"file://{store.name}", rank=0, world_size=1
             )
             return 1
+        launch.export()
         if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(launch.local_rank)
         dist.init_process_group(default_backend())
     return dist.get_world_size()
 

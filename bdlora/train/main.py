@@ -10,9 +10,11 @@ exit code 2; ``BDLORA_TRACEBACK=1`` shows the traceback instead.
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import sys
+from contextlib import contextmanager
 
 import hydra
 import torch.distributed as dist
@@ -21,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from bdlora.parallel.comm import broadcast_object
 from bdlora.parallel.mesh import MissingRanksError, RankFailed, init_distributed
 from bdlora.train.config import STAMP_ENV, load_train_config, new_stamp, register_configs
+from bdlora.train.preemption import StoppedBySignal
 from bdlora.train.run import run
 
 EXPECTED_ERRORS = (ValueError, OSError, RankFailed, MissingRanksError)
@@ -35,34 +38,51 @@ def main() -> None:
     """The console entry point (``bdlora-train``, ``python -m bdlora.train``), on every rank."""
     signal.signal(signal.SIGTERM, _sigterm_as_interrupt)  # unwind: finally blocks run, files stay whole
     _take_local_rank_argument()
-    init_distributed()
-    try:
+    with process_group():
         os.environ[STAMP_ENV] = broadcast_object(os.environ.get(STAMP_ENV) or new_stamp())
         hydra_main()
+
+
+@contextmanager
+def process_group():
+    """The default process group for the block, started from the launcher's environment (torchrun,
+    ``srun``, submitit) and destroyed after it; one already started is left as it is."""
+    if dist.is_initialized():
+        yield
+        return
+    init_distributed()
+    try:
+        yield
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        gc.collect()  # what still holds a group (an engine, a mesh) goes while the interpreter is whole
+        dist.destroy_process_group()
 
 
 @hydra.main(version_base="1.3", config_path="pkg://bdlora.conf", config_name="config")
 def hydra_main(cfg: DictConfig) -> float:
-    """One job: a single run, or one job of a multirun (Hydra calls it once per job)."""
+    """One job: a single run, or one job of a multirun (Hydra calls it once per job; under
+    ``hydra/launcher=submitit_*`` in a new process per task, which starts its own group here)."""
     from hydra.core.hydra_config import HydraConfig
 
     hydra_cfg = HydraConfig.get()
-    try:
-        train_cfg = load_train_config(cfg)
-        return run(
-            train_cfg,
-            run_dir=hydra_cfg.runtime.output_dir,
-            overrides=list(hydra_cfg.overrides.task),
-            hydra_yaml=OmegaConf.to_yaml(OmegaConf.create({"hydra": hydra_cfg})),
-        )
-    except EXPECTED_ERRORS as err:
-        if os.environ.get("BDLORA_TRACEBACK"):
-            raise
-        _report(err)
-        raise SystemExit(2) from None
+    with process_group():
+        try:
+            train_cfg = load_train_config(cfg)
+            return run(
+                train_cfg,
+                run_dir=hydra_cfg.runtime.output_dir,
+                overrides=list(hydra_cfg.overrides.task),
+                hydra_yaml=OmegaConf.to_yaml(OmegaConf.create({"hydra": hydra_cfg})),
+            )
+        except StoppedBySignal as stopped:
+            if dist.get_rank() == 0:
+                print(f"bdlora-train: {stopped}", file=sys.stderr, flush=True)
+            raise SystemExit(stopped.exit_code) from None
+        except EXPECTED_ERRORS as err:
+            if os.environ.get("BDLORA_TRACEBACK"):
+                raise
+            _report(err)
+            raise SystemExit(2) from None
 
 
 def _take_local_rank_argument() -> None:

@@ -6,6 +6,7 @@ import json
 import math
 import time
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 
 import yaml
@@ -20,6 +21,7 @@ from bdlora.train.data import build_loaders, fit_seq_len
 from bdlora.train.loop import StepResult, Trainer, build_optimizer, build_scheduler
 from bdlora.train.metrics import MetricsLogger, peak_memory_mb
 from bdlora.train.modeling import build_model, hf_config, resolve_model_dir, tokenizer_for
+from bdlora.train.preemption import StoppedBySignal, StopRequests
 
 
 def run(
@@ -62,25 +64,19 @@ def run(
     start = _resume(cfg.checkpoint, checkpointer, model, optimizer, scheduler, train_loader, ctx)
     logger = on_all_ranks(MetricsLogger, cfg.logger, ctx.run_dir, cfg.steps, ctx.is_main, config_dict, start)
     evaluate = (lambda: trainer.evaluate(lambda: iter(eval_loader))) if eval_loader else dict
-    first_loss = last = None
     initial_eval = evaluate() if start == 0 and cfg.eval_every > 0 else {}
     if initial_eval:
         logger.log(0, initial_eval)  # the base model's eval loss: what training must lower
+    save = partial(
+        checkpointer.save,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        loader=train_loader,
+        config=config_dict,
+    )
     try:
-        for step in range(start + 1, cfg.steps + 1):
-            count = step == start + 1 or (cfg.logger.comm_every and step % cfg.logger.comm_every == 0)
-            result = trainer.train_step(train_loader, count_comm=bool(count))
-            first_loss = result.loss if first_loss is None else first_loss
-            last = {
-                **_step_metrics(result, ctx),
-                **(evaluate() if _due(step, cfg.eval_every, cfg.steps) else {}),
-            }
-            if _due(step, cfg.logger.log_every, 0) or "eval_loss" in last:
-                logger.log(step, last)
-            logger.advance()
-            if _due(step, cfg.checkpoint.every, cfg.steps):
-                on_all_ranks(logger.raise_failure)  # a failed metrics write stops every rank here
-                checkpointer.save(step, model, optimizer, scheduler, train_loader, config_dict)
+        first_loss, last = _train_steps(cfg, start, trainer, train_loader, evaluate, logger, save, ctx)
     finally:
         logger.close()
     on_all_ranks(logger.raise_failure)
@@ -91,7 +87,34 @@ def run(
             save_adapter(model, adapter_dir, format=cfg.checkpoint.export_format)
     summary = (first_loss, last, initial_eval, final_eval, checkpointer, adapter_dir)
     on_all_ranks(lambda: _print_summary(ctx, *summary) if ctx.is_main else None)
+    if engine is not None:
+        engine.destroy()  # DeepSpeed's hooks and buffers go before the process group does
     return float(final_eval.get("eval_loss", math.nan))
+
+
+def _train_steps(cfg: TrainConfig, start: int, trainer, loader, evaluate, logger, save, ctx: RunContext):
+    """Steps ``start + 1 .. cfg.steps`` with their evals, metrics and checkpoints; returns the first
+    step's loss and the last step's metrics. SIGTERM / SIGUSR1 end it after a step, checkpointed."""
+    first_loss = last = None
+    with StopRequests(ctx.device) as stop:
+        for step in range(start + 1, cfg.steps + 1):
+            count = step == start + 1 or (cfg.logger.comm_every and step % cfg.logger.comm_every == 0)
+            result = trainer.train_step(loader, count_comm=bool(count))
+            first_loss = result.loss if first_loss is None else first_loss
+            last = {
+                **_step_metrics(result, ctx),
+                **(evaluate() if _due(step, cfg.eval_every, cfg.steps) else {}),
+            }
+            if _due(step, cfg.logger.log_every, 0) or "eval_loss" in last:
+                logger.log(step, last)
+            logger.advance()
+            signum = stop.agreed()  # the same on every rank, so all of them save and stop together
+            if _due(step, cfg.checkpoint.every, cfg.steps) or signum:
+                on_all_ranks(logger.raise_failure)  # a failed metrics write stops every rank here
+                saved = save(step)
+            if signum:
+                raise StoppedBySignal(signum, step, saved)
+    return first_loss, last
 
 
 def _build_training(cfg: TrainConfig, adapter, ctx: RunContext, model_dir, ds_config: dict | None):
