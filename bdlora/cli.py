@@ -26,8 +26,30 @@ def _load_config(source: str | None) -> BDLoraConfig:
     return BDLoraConfig.from_yaml(source)
 
 
+def _from_trainer_settings(overrides: list[str]) -> tuple[BDLoraConfig, str | None]:
+    """The adapter config (and the model preset or directory) ``bdlora-train`` would use with
+    these Hydra overrides, e.g. ``adapter=per_layer adapter.groups.attn.rank=4``."""
+    from hydra import compose, initialize_config_module  # noqa: PLC0415
+    from hydra.errors import HydraException  # noqa: PLC0415
+
+    from bdlora.train.config import load_train_config, register_configs  # noqa: PLC0415
+
+    register_configs()
+    try:
+        with initialize_config_module("bdlora.conf", version_base="1.3"):
+            train = load_train_config(compose("config", overrides=overrides))
+    except HydraException as err:
+        raise BDLoraConfigError(f"trainer settings {' '.join(overrides)}: {err}") from None
+    model = {"preset": train.model.name, "path": train.model.path}.get(str(train.model.source))
+    return train.adapter.build(), model
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
-    config = _load_config(args.config)
+    if args.overrides and args.config:
+        raise BDLoraConfigError("give either --config or trainer settings (adapter.*=...), not both")
+    config, trainer_model = _from_trainer_settings(args.overrides) if args.overrides else (None, None)
+    config = config or _load_config(args.config)
+    args.model = args.model or trainer_model or "tiny-llama"
     if args.model in PRESETS:
         model = build_model(args.model, device="meta")
     elif Path(args.model).is_dir():
@@ -85,9 +107,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bdlora", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     plan = sub.add_parser("plan", help="print the adapter plan for a model and pattern config")
-    plan.add_argument("--model", default="tiny-llama", help=f"model dir or preset: {', '.join(PRESETS)}")
+    plan.add_argument(
+        "--model",
+        help=f"model dir or preset: {', '.join(PRESETS)} (default: the settings' preset, or tiny-llama)",
+    )
     plan.add_argument("--config", help="BD-LoRA YAML config, or a PEFT adapter dir / adapter_config.json")
     plan.add_argument("--tp", type=int, default=1, help="show parameters per rank at this TP degree")
+    plan.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="bdlora-train settings (Hydra overrides) whose adapter to plan, e.g. adapter.groups.mlp.rank=16",
+    )
     plan.set_defaults(func=cmd_plan)
     demo = sub.add_parser("demo", help="train a tiny Llama with BD-LoRA for a few steps")
     demo.add_argument("--steps", type=int, default=40)

@@ -175,14 +175,21 @@ class BDLoraConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> BDLoraConfig:
+        """From a mapping of the fields, plus ``groups`` and ``bands`` (see ``group_band_patterns``),
+        which become pattern keys after the mapping's own ``patterns``."""
         names = [f.name for f in fields(cls)]
+        valid = [*names, "groups", "bands"]
         for key in data:
-            if key not in names:
+            if key not in valid:
                 raise BDLoraConfigError(
-                    f"unknown config key {key!r}; did you mean {_closest(key, names)!r}? "
-                    f"Valid keys: {', '.join(names)}"
+                    f"unknown config key {key!r}; did you mean {_closest(key, valid)!r}? "
+                    f"Valid keys: {', '.join(valid)}"
                 )
-        return cls(**dict(data))
+        data = dict(data)
+        generated = group_band_patterns(data.pop("groups", None) or {}, data.pop("bands", None) or {})
+        user = dict(data.get("patterns") or {})
+        data["patterns"] = {**user, **{k: v for k, v in generated.items() if k not in user}}
+        return cls(**data)
 
     def to_yaml(self, path: str | Path | None = None) -> str:
         text = yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -253,6 +260,72 @@ _UNSUPPORTED_PEFT = {
     "lora_bias": "bdlora's B factors have no bias",
     "layers_to_transform": "map the layers to leave out to None in patterns instead",
 }
+
+
+def group_band_patterns(
+    groups: Mapping[str, Mapping[str, Any]], bands: Mapping[str, Mapping[str, Any]]
+) -> dict[str, dict[str, Any]]:
+    """Pattern keys for per-group and per-layer-band settings: rank sweeps without regex keys.
+
+    ``groups``: name -> ``{modules: [q_proj, ...], rank: .., alpha: .., ...}``; ``bands``: name ->
+    ``{layers: "0-7", rank: .., ...}`` (``layers``: a range ``"a-b"``, a list, or both comma-joined,
+    counted in ``layers.N``). Unset (None) settings are left out; a group or band setting nothing
+    adds no key. A module in a band and a group gets both, the band's value winning where both set
+    one; a module in two groups (or bands) takes the first. The band x group keys come first in
+    the result, so first-match-wins gives exactly that.
+    """
+    group_keys = []
+    for name, group in groups.items():
+        where = f"groups.{name}"
+        modules = _field(group, "modules", where)
+        if isinstance(modules, str) or not modules:
+            raise BDLoraConfigError(
+                f"{where}.modules: give a non-empty list of module names, got {modules!r}"
+            )
+        overrides = _set_overrides(group, where, "modules")
+        if overrides:
+            group_keys.append(("(?:" + "|".join(str(m) for m in modules) + ")", overrides))
+    band_keys = []
+    for name, band in bands.items():
+        where = f"bands.{name}"
+        layers = parse_layers(_field(band, "layers", where), f"{where}.layers")
+        overrides = _set_overrides(band, where, "layers")
+        if overrides:
+            band_keys.append((r"layers\.(?:" + "|".join(map(str, layers)) + r")\..*", overrides))
+    return _combine_independent([group_keys, band_keys])
+
+
+def _field(entry: Mapping[str, Any], name: str, where: str) -> Any:
+    if not isinstance(entry, Mapping) or entry.get(name) is None:
+        raise BDLoraConfigError(f"{where}: needs {name!r}, got {entry!r}")
+    return entry[name]
+
+
+def _set_overrides(entry: Mapping[str, Any], where: str, own: str) -> dict[str, Any]:
+    for key in entry:
+        if key != own and key not in OVERRIDE_KEYS:
+            valid = ", ".join((own, *OVERRIDE_KEYS))
+            raise BDLoraConfigError(
+                f"{where}: unknown key {key!r}; did you mean {_closest(key, (own, *OVERRIDE_KEYS))!r}? "
+                f"Valid keys: {valid}"
+            )
+    return {k: v for k, v in entry.items() if k != own and v is not None}
+
+
+def parse_layers(spec: Any, where: str) -> list[int]:
+    """Layer indices from ``"0-7"``, ``"0-3,8"``, ``5`` or ``[0, 1, 2]``; sorted, each once."""
+    items = spec if isinstance(spec, (list, tuple)) else str(spec).split(",")
+    layers: set[int] = set()
+    for item in items:
+        text = str(item).strip()
+        match = re.fullmatch(r"(\d+)(?:-(\d+))?", text)
+        if not match or (match[2] is not None and int(match[2]) < int(match[1])):
+            raise BDLoraConfigError(
+                f'{where}: {text!r} is not a layer index or range; write e.g. "0-7", "0-3,8" or [0, 1]'
+            )
+        first = int(match[1])
+        layers.update(range(first, int(match[2] or first) + 1))
+    return sorted(layers)
 
 
 def _is_file(source: str | Path) -> bool:

@@ -73,6 +73,28 @@ class Plan:
     def lora_params(self) -> int:
         return sum(m.lora_params for m in self.modules)
 
+    def to_dict(self) -> dict:
+        """The resolved plan as plain data: what each adapted module got, and the totals."""
+        return {
+            "nblocks": self.global_nblocks,
+            "params": self.params,
+            "lora_params": self.lora_params,
+            "modules": {
+                m.name: {
+                    "role": m.role.value,
+                    "rank": m.rank,
+                    "alpha": m.settings.alpha,
+                    "dropout": m.settings.dropout,
+                    "init": m.settings.init,
+                    "pattern": m.settings.pattern,
+                    "shape": [m.d_out, m.d_in],
+                    "params": m.params,
+                }
+                for m in self.modules
+            },
+            "excluded": dict(self.excluded),
+        }
+
     def format(self, tp: int = 1) -> str:
         """A table of adapted modules (layers with equal settings grouped), exclusions and totals."""
         header = ["module", "role", "role from", "block-diag", "rank", "alpha", "init", "pattern", "params"]
@@ -89,7 +111,7 @@ class Plan:
                 str(m.rank),
                 f"{m.settings.alpha:g}",
                 m.settings.init,
-                m.settings.pattern or "-",
+                _shorten(m.settings.pattern or "-"),
                 f"{sum(x.params for x in members):,}",
             ]
             if tp > 1:
@@ -109,6 +131,10 @@ class Plan:
             lines.append(f"per TP rank (tp={tp}): {self.params // tp:,} params")
         lines.extend(f"note: {n}" for n in self.notes)
         return "\n".join(lines)
+
+
+def _shorten(text: str, width: int = 48) -> str:
+    return text if len(text) <= width else text[: width - 3] + "..."
 
 
 _DIGITS = re.compile(r"\.(\d+)\.")

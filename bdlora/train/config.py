@@ -59,8 +59,21 @@ class ModelConfig:
 
 
 @dataclass
+class ModuleGroup:
+    """Settings for a named group of modules (``adapter.groups.<name>``); None: the global value."""
+
+    modules: list[str] = field(default_factory=list)
+    rank: int | None = None
+    alpha: float | None = None
+    dropout: float | None = None
+    init: InitStrategy | None = None
+
+
+@dataclass
 class AdapterConfig:
-    """``bdlora.BDLoraConfig`` as Hydra sees it: the same fields and defaults (a test checks)."""
+    """``bdlora.BDLoraConfig`` as Hydra sees it: the same fields and defaults (a test checks), plus
+    ``groups`` and ``bands``, which become pattern keys (``bdlora.config.group_band_patterns``) so
+    ranks sweep per group and per layer band without regex keys on the command line."""
 
     rank: int = 8
     alpha: float = 16.0
@@ -70,6 +83,10 @@ class AdapterConfig:
     target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
     patterns: dict[str, Any] = field(default_factory=dict)
     on_unmatched_pattern: UnmatchedAction = UnmatchedAction.error
+    groups: dict[str, ModuleGroup] = field(default_factory=dict)
+    # name -> {layers: "0-7", rank: .., alpha: .., dropout: .., init: ..}; untyped so that a band can be
+    # added whole from the command line (+adapter.bands.late='{layers: "8-15", rank: 32}')
+    bands: dict[str, Any] = field(default_factory=dict)
 
     def build(self) -> BDLoraConfig:
         return BDLoraConfig.from_dict(plain(asdict(self)))

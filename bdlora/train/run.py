@@ -13,6 +13,8 @@ import yaml
 
 from bdlora.parallel.mesh import on_all_ranks
 from bdlora.peft_io import save_adapter
+from bdlora.plan import Plan
+from bdlora.state import state_of
 from bdlora.train import deepspeed_engine as ds
 from bdlora.train.checkpoint import Checkpointer
 from bdlora.train.config import CheckpointConfig, TrainConfig, TrainConfigError, plain
@@ -60,6 +62,9 @@ def run(
     files = _run_config_files(config_dict, overrides or [], hydra_yaml)
     on_all_ranks(lambda: _write_run_config(ctx.run_dir, files) if ctx.is_main else None)
     model, optimizer, scheduler, engine, trainer = _build_training(cfg, adapter, ctx, model_dir, ds_config)
+    (adapter_record,) = state_of(model).adapters.values()  # the trainer adds one adapter
+    plan = adapter_record.plan
+    on_all_ranks(lambda: _write_plan(ctx, plan) if ctx.is_main else None)
     checkpointer = Checkpointer(ctx, cfg.checkpoint.keep_last, engine=engine)
     start = _resume(cfg.checkpoint, checkpointer, model, optimizer, scheduler, train_loader, ctx)
     logger = on_all_ranks(MetricsLogger, cfg.logger, ctx.run_dir, cfg.steps, ctx.is_main, config_dict, start)
@@ -85,7 +90,7 @@ def run(
     with ds.full_parameters(engine):
         if ctx.tp.size > 1 or ctx.is_main:  # sharded: every rank gathers; replicated: rank 0 alone saves
             save_adapter(model, adapter_dir, format=cfg.checkpoint.export_format)
-    summary = (first_loss, last, initial_eval, final_eval, checkpointer, adapter_dir)
+    summary = (first_loss, last, initial_eval, final_eval, checkpointer, adapter_dir, plan.params)
     on_all_ranks(lambda: _print_summary(ctx, *summary) if ctx.is_main else None)
     if engine is not None:
         engine.destroy()  # DeepSpeed's hooks and buffers go before the process group does
@@ -115,6 +120,12 @@ def _train_steps(cfg: TrainConfig, start: int, trainer, loader, evaluate, logger
             if signum:
                 raise StoppedBySignal(signum, step, saved)
     return first_loss, last
+
+
+def _write_plan(ctx: RunContext, plan: Plan) -> None:
+    """``plan.json``: the resolved per-module adapter settings (the pattern config applied)."""
+    (ctx.run_dir / "plan.json").write_text(json.dumps(plan.to_dict(), indent=1))
+    ctx.print0(f"adapter         {len(plan.modules)} modules, {plan.params:,} parameters (plan.json)")
 
 
 def _build_training(cfg: TrainConfig, adapter, ctx: RunContext, model_dir, ds_config: dict | None):
@@ -209,7 +220,7 @@ def _write_run_config(run_dir: Path, files: dict[str, str]) -> None:
 
 
 def _print_summary(
-    ctx: RunContext, first_loss, last, initial_eval, final_eval, checkpointer, adapter_dir
+    ctx: RunContext, first_loss, last, initial_eval, final_eval, checkpointer, adapter_dir, plan_params
 ) -> None:
     if not ctx.is_main:
         return
@@ -241,6 +252,7 @@ def _print_summary(
                 "final": last,
                 "eval": final_eval,
                 "adapter": str(adapter_dir),
+                "adapter_params": plan_params,
             },
             indent=2,
         )
