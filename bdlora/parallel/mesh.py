@@ -69,6 +69,10 @@ def init_distributed() -> int:
             )
             return 1
         launch.export()
+        if launch.launcher != "torchrun" and "OMP_NUM_THREADS" not in os.environ:
+            # torchrun's default, or the CPUs Slurm gave the task: ranks sharing a node's cores
+            # would otherwise each start a thread per core
+            torch.set_num_threads(int(os.environ.get("SLURM_CPUS_PER_TASK", "1")))
         if torch.cuda.is_available():
             torch.cuda.set_device(launch.local_rank)
         dist.init_process_group(default_backend())
