@@ -79,6 +79,7 @@ def hydra_main(cfg: DictConfig) -> float:
                 print(f"bdlora-train: {stopped}", file=sys.stderr, flush=True)
             raise SystemExit(stopped.exit_code) from None
         except EXPECTED_ERRORS as err:
+            _record_error(hydra_cfg.runtime.output_dir, err)
             if os.environ.get("BDLORA_TRACEBACK"):
                 raise
             _report(err)
@@ -97,6 +98,22 @@ def _take_local_rank_argument() -> None:
         else:
             kept.append(arg)
     sys.argv[:] = kept
+
+
+ERROR_FILE = "error.txt"
+
+
+def _record_error(run_dir: str, err: BaseException) -> None:
+    """The failure's message in the run directory (rank 0), so a sweep report can list the job."""
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return
+    # never beside a finished run: this job may have failed because the directory holds one
+    if os.path.isdir(run_dir) and not os.path.exists(os.path.join(run_dir, "summary.json")):
+        try:
+            with open(os.path.join(run_dir, ERROR_FILE), "w") as f:
+                f.write(f"{type(err).__name__}: {err}\n")
+        except OSError:
+            pass  # a read-only run directory: the message still goes to stderr
 
 
 def _report(err: BaseException) -> None:
