@@ -1,5 +1,6 @@
 """``bdlora`` command line: ``plan`` (what would be adapted, and how), ``demo``, and for a trained run
-``export`` (PEFT adapter or merged model) and ``generate`` (a greedy completion)."""
+``export`` (PEFT adapter or merged model) and ``generate`` (a greedy completion); for a
+``bdlora-train -m`` sweep ``sweep-report`` (a table and plot of its runs)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from bdlora.plan import resolve_plan
 from bdlora.presets import PRESETS, build_model
 from bdlora.train.checkpoint import CheckpointDamaged
 from bdlora.train.export import ExportError
+from bdlora.train.sweep_report import SweepDirError
 
 
 def _load_config(source: str | None) -> BDLoraConfig:
@@ -103,6 +105,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep_report(args: argparse.Namespace) -> int:
+    from bdlora.train.sweep_report import write_sweep_report  # noqa: PLC0415
+
+    report = write_sweep_report(args.sweep_dir, args.out)
+    print(report.markdown)
+    print(f"wrote {report.markdown_path}, {report.csv_path} and {report.png_path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bdlora", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -140,6 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--no-adapter", action="store_true", help="the base model alone")
     gen.add_argument("--raw", action="store_true", help="no prompt template (embedded-data runs use one)")
     gen.set_defaults(func=cmd_generate)
+    sweep = sub.add_parser("sweep-report", help="one table and plot for a bdlora-train -m sweep directory")
+    sweep.add_argument("sweep_dir", metavar="SWEEP_DIR", help="a Hydra multirun dir: multirun/<name>/<stamp>")
+    sweep.add_argument("--out", help="where to write sweep_report.{md,csv,png} (default: SWEEP_DIR)")
+    sweep.set_defaults(func=cmd_sweep_report)
     return parser
 
 
@@ -147,7 +162,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (BDLoraConfigError, FileNotFoundError, KeyError, ExportError, CheckpointDamaged) as err:
+    except (
+        BDLoraConfigError,
+        FileNotFoundError,
+        KeyError,
+        ExportError,
+        CheckpointDamaged,
+        SweepDirError,
+    ) as err:
         print(f"bdlora {args.command}: error: {err}", file=sys.stderr)
         return 2
 
