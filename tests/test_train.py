@@ -212,7 +212,7 @@ def test_two_rank_run_writes_a_complete_run_directory(baseline):
     run_dir = baseline.run_dir
     assert sorted(p.name for p in baseline.cwd.iterdir()) == ["run"], "the run wrote into the cwd"
     assert sorted(p.name for p in run_dir.iterdir()) == sorted(
-        [".hydra", "adapter", "checkpoints", "metrics.jsonl", "summary.json"]
+        [".hydra", "adapter", "checkpoints", "metrics.jsonl", "plan.json", "summary.json"]
     )
     hydra_files = ["config.yaml", "hydra.yaml", "overrides.yaml"]
     assert sorted(p.name for p in (run_dir / ".hydra").iterdir()) == hydra_files

@@ -107,8 +107,10 @@ def _record_error(run_dir: str, err: BaseException) -> None:
     """The failure's message in the run directory (rank 0), so a sweep report can list the job."""
     if dist.is_initialized() and dist.get_rank() != 0:
         return
-    # never beside a finished run: this job may have failed because the directory holds one
-    if os.path.isdir(run_dir) and not os.path.exists(os.path.join(run_dir, "summary.json")):
+    # only in a run that started writing (a bad setting leaves its directory untouched), and never
+    # beside a finished run: this job may have failed because the directory holds one
+    started = os.path.isdir(os.path.join(run_dir, ".hydra"))
+    if started and not os.path.exists(os.path.join(run_dir, "summary.json")):
         try:
             with open(os.path.join(run_dir, ERROR_FILE), "w") as f:
                 f.write(f"{type(err).__name__}: {err}\n")

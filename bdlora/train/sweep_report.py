@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-UNFINISHED = "no summary.json or error.txt (killed or still running)"
+UNFINISHED = "no summary.json or error.txt (killed, still running, or stopped by a bad setting: see its log)"
 COLUMNS = (
     "job",
     "overrides",
