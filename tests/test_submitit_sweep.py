@@ -4,14 +4,12 @@ and the plot must say the same thing as the runs' own files."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
 from bdlora.cli import main as cli_main
 from tests.test_sweep_report import red_clusters
+from tests.test_train import output_of, train
 
 SWEEP = [
     "-m",
@@ -33,17 +31,8 @@ SWEEP = [
 @pytest.mark.slow
 def test_a_per_group_rank_sweep_through_submitit_and_its_report(tmp_path, capsys):
     sweep = tmp_path / "sweep"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "bdlora.train", *SWEEP, f"hydra.sweep.dir={sweep}"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
+    result = train(1, *SWEEP, f"hydra.sweep.dir={sweep}", cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, output_of(result)
     assert sorted(p.name for p in sweep.iterdir() if p.name.isdigit()) == ["0", "1", "2", "3"]
 
     assert cli_main(["sweep-report", str(sweep)]) == 0

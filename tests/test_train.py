@@ -156,12 +156,12 @@ def train_env() -> dict[str, str]:
 
 
 def train(
-    nproc: int, *overrides: str, cwd: Path, timeout: float = RUN_TIMEOUT
+    nproc: int, *overrides: str, cwd: Path, timeout: float = RUN_TIMEOUT, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess:
     return subprocess.run(
         train_command(nproc, *overrides),
         cwd=cwd,
-        env=train_env(),
+        env={**train_env(), **(env or {})},
         capture_output=True,
         text=True,
         timeout=timeout,

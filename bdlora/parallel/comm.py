@@ -107,19 +107,19 @@ def broadcast_object(obj, src: int = 0):
 
 def sum_over(tensor: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
     """A copy of ``tensor`` summed over ``group`` (the tensor itself when there is no group)."""
-    if group is None or dist.get_world_size(group) == 1:
-        return tensor
-    out = tensor.clone()
-    dist.all_reduce(out, group=group)
-    return out
+    return _all_reduced(tensor, group, dist.ReduceOp.SUM)
 
 
 def max_over(tensor: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
     """A copy of ``tensor``'s elementwise maximum over ``group`` (the tensor itself without one)."""
+    return _all_reduced(tensor, group, dist.ReduceOp.MAX)
+
+
+def _all_reduced(tensor: torch.Tensor, group: dist.ProcessGroup | None, op) -> torch.Tensor:
     if group is None or dist.get_world_size(group) == 1:
         return tensor
     out = tensor.clone()
-    dist.all_reduce(out, op=dist.ReduceOp.MAX, group=group)
+    dist.all_reduce(out, op=op, group=group)
     return out
 
 

@@ -112,6 +112,14 @@ def _drop_records_after(path: Path, step: int) -> None:
     path.write_text("".join(f"{line}\n" for line in kept))
 
 
+def read_metrics(path: Path) -> list[dict]:
+    """The records of a ``metrics.jsonl`` in order, without lines that are none (a torn last write)."""
+    if not path.is_file():
+        return []
+    lines = path.read_text(errors="replace").splitlines()
+    return [record for record in map(_record, lines) if record is not None]
+
+
 def _record(line: str) -> dict | None:
     """A metrics record, or None for a line that is not one (a torn last write, say)."""
     try:

@@ -27,6 +27,8 @@ from typing import Any
 
 import yaml
 
+from bdlora.train.metrics import read_metrics
+
 UNFINISHED = "no summary.json or error.txt (killed, still running, or stopped by a bad setting: see its log)"
 COLUMNS = (
     "job",
@@ -101,7 +103,7 @@ def _read_job(job_dir: Path) -> dict[str, Any]:
     """One job's row; a failed job keeps the last values it logged, which the CSV shows."""
     plan = _read_json(job_dir / "plan.json") or {}
     summary = _read_json(job_dir / "summary.json")
-    records = _read_metrics(job_dir / "metrics.jsonl")
+    records = read_metrics(job_dir / "metrics.jsonl")
     done = summary or {}
     return {
         "job": int(job_dir.name),
@@ -122,21 +124,6 @@ def _read_json(path: Path) -> dict | None:
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
-
-
-def _read_metrics(path: Path) -> list[dict]:
-    """The JSON-object lines; a job killed mid-write leaves a torn last line, which is skipped."""
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-    return records
 
 
 def _read_overrides(path: Path) -> list[str]:
