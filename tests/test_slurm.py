@@ -1,5 +1,5 @@
-"""bdlora on a real one-node Slurm cluster: the batch script (TP 2) and a Hydra multirun as a job
-array through submitit, every job a 2-process TP run."""
+"""bdlora on a real one-node Slurm cluster: the batch script (TP 2, requeue after a preemption
+signal) and a Hydra multirun as a job array through submitit, every job a 2-process TP run."""
 
 from __future__ import annotations
 
@@ -90,6 +90,42 @@ def test_batch_script_runs_tp2_in_a_fresh_directory_and_peft_loads_the_adapter(j
     ours = bdlora.load_adapter(tiny_model(), run_dir / "adapter").eval()
     torch.testing.assert_close(logits(peft_model), logits(ours), atol=1e-5, rtol=1e-5)
     assert not torch.allclose(logits(peft_model), logits(tiny_model()), atol=1e-4)  # it trained
+
+
+@pytest.mark.slow
+def test_a_preemption_signal_checkpoints_requeues_and_the_job_resumes(job_env, tmp_path):
+    args = [*SMALL, "steps=30", "checkpoint.every=1000", "data.seq_len=64"]  # only the signal checkpoints
+    submitted = subprocess.run(
+        ["sbatch", "--parsable", "--nodes=1", "--cpus-per-task=2", str(SBATCH), *args],
+        cwd=tmp_path,
+        env=job_env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    job = submitted.stdout.strip()
+    run_dir = tmp_path / "outputs" / "slurm" / job
+    metrics = run_dir / "metrics.jsonl"
+    wait_until(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 2, 120, "step 2")
+    # what Slurm sends before a time limit (--signal=B:USR1@120) or a preemption
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=job_env, check=True)
+
+    def finished() -> bool:
+        state = squeue(job_env, job)
+        if "BeginTime" in state:  # a requeued job waits before it is eligible again: release it now
+            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=job_env, check=False)
+        return state == "" and (run_dir / "summary.json").exists()
+
+    wait_until(finished, 240, f"job {job} to be requeued and finish")
+    log = (tmp_path / f"bdlora-{job}.out").read_text()
+    assert "requeueing job" in log and f"job {job} (restart 1)" in log, log
+    resumed = re.search(r"resumed from \S+step_(\d+) at step (\d+)", log)
+    assert resumed, log
+    stopped_at = int(resumed[2])
+    assert 2 <= stopped_at < 30, log
+    assert f"stopped by SIGTERM after step {stopped_at}" in log, log
+    # one record per step: the steps after the checkpoint ran once, in the requeued job
+    assert [r["step"] for r in read_metrics(run_dir) if "loss" in r] == list(range(1, 31))
 
 
 @pytest.mark.slow
