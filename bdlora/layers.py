@@ -230,9 +230,20 @@ class BDLoraLinear(nn.Module):
         """``W x`` plus the live adapter's delta, before the bias (a row shard's partial sum)."""
         out = F.linear(x, self.base_layer.weight)
         name = self.live_adapter()
-        if name is not None:
-            out = out + self.lora_delta(x, name).to(out.dtype)
-        return out
+        return out if name is None else self.add_delta(out, x, name)
+
+    def add_delta(self, out: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
+        """``out + scale * B (A x)``. With one block on this rank (BD-LoRA at TP = nblocks) and one
+        dtype, the second factor, the scale and the sum are one ``addmm``: the scale rides on the
+        GEMM's alpha, forward and backward, and no (tokens, d_out) delta is materialised.
+        """
+        a, b = self.lora_A[name], self.lora_B[name]
+        if self.local_nblocks[name] != 1 or not (out.dtype == a.dtype == x.dtype):
+            return out + self.lora_delta(x, name).to(out.dtype)
+        h = F.linear(self.adapter_input(x, name), a)  # (..., r_local)
+        out_2d = out.reshape(-1, out.shape[-1])  # (T, d_out_local)
+        fused = torch.addmm(out_2d, h.reshape(-1, h.shape[-1]), b.t(), alpha=self.scaling[name])
+        return fused.view(out.shape)
 
     def add_bias(self, out: torch.Tensor) -> torch.Tensor:
         bias = self.base_layer.bias

@@ -90,15 +90,15 @@ def parse_args(argv: list[str] | None = None) -> BenchArgs:
     return BenchArgs(**vars(p.parse_args(argv)))
 
 
-def launch(argv: list[str], tp: int) -> int:
-    """Re-run this script under ``torch.distributed.run`` (torchrun need not be on PATH)."""
+def launch(argv: list[str], tp: int, script: str = __file__) -> int:
+    """Re-run ``script`` (this one) under ``torch.distributed.run`` (torchrun need not be on PATH)."""
     cmd = [
         sys.executable,
         "-m",
         "torch.distributed.run",
         "--standalone",
         f"--nproc-per-node={tp}",
-        __file__,
+        script,
         *argv,
     ]
     print("$ python " + shlex.join(sys.argv), flush=True)
@@ -228,13 +228,31 @@ def print_slora_check(comm: dict, predicted: dict, tokens: int, tp: int) -> None
         print0(f"  {key:<19} predicted {want:>14,.1f}   measured {value:>14,.1f}   {verdict}")
 
 
-def print_ratios(times: dict[str, list[float]], medians: dict[str, float]) -> None:
+def linear_flops(model: nn.Module) -> tuple[float, float]:
+    """Per token, this rank: (frozen linears, adapter) FLOPs of a training step.
+
+    A frozen linear computes its output and its input gradient (2 GEMMs: 4 FLOPs per weight
+    element); an adapter factor also its weight gradient (3 GEMMs: 6 FLOPs per element).
+    """
+    base = adapter = 0.0
+    for _, layer in bdlora_layers(model):
+        base += 4 * layer.base_layer.weight.numel()
+        adapter += 6 * sum(p.numel() for p in (*layer.lora_A.values(), *layer.lora_B.values()))
+    return base, adapter
+
+
+def print_ratios(times: dict[str, list[float]], medians: dict[str, float], flop_share: float) -> None:
     for other in ("base", "slora"):
         paired = statistics.median(a / b for a, b in zip(times["bdlora"], times[other]))
         label = f"step time BD-LoRA / {LABELS[other]}:"
         print0(
             f"{label:<28} {medians['bdlora'] / medians[other]:.3f}   (median of paired ratios {paired:.3f})"
         )
+    overhead = medians["bdlora"] / medians["base"] - 1
+    print0(
+        f"adapter FLOPs: {100 * flop_share:.2f}% on top of the frozen linears'; its step-time overhead "
+        f"{100 * overhead:.1f}% is {overhead / flop_share:.1f}x its FLOP share"
+    )
 
 
 def run(args: BenchArgs) -> None:
@@ -269,7 +287,10 @@ def run(args: BenchArgs) -> None:
     slowest = {mode: [max(r[mode][i] for r in per_rank) for i in range(args.steps)] for mode in MODES}
     print_table(comm, {mode: statistics.median(slowest[mode]) for mode in MODES})
     print_slora_check(comm, extra, args.batch * args.seq, world)
-    print_ratios(slowest, {mode: statistics.median(slowest[mode]) for mode in MODES})
+    base_flops, adapter_flops = linear_flops(models["bdlora"])
+    print_ratios(
+        slowest, {mode: statistics.median(slowest[mode]) for mode in MODES}, adapter_flops / base_flops
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
