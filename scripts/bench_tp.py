@@ -136,7 +136,11 @@ def build_model(args: BenchArgs, mode: str, mesh: DeviceMesh) -> nn.Module:
     parallelize(model, mesh, sharding="slora" if mode == "slora" else "bdlora")
     if mode != "base":
         apply_bdlora(model, BDLoraConfig(rank=args.rank, alpha=2 * args.rank, nblocks=mesh.size()))
-    model.model.embed_tokens.weight.requires_grad_(True)  # backward reaches every block's input
+    model.requires_grad_(False)  # the base is frozen in every mode (apply_bdlora freezes it too) ...
+    if mode != "base":
+        for factor in adapter_factors(model):
+            factor.requires_grad_(True)
+    model.model.embed_tokens.weight.requires_grad_(True)  # ... but backward reaches every block's input
     return model
 
 

@@ -1,0 +1,148 @@
+"""scripts/bench_memory.py, scripts/bench_scaling.py and their shared scripts/benchlib.py.
+
+The byte counts are checked against values computed here from the config alone; timings are never
+asserted. The slow tests run the scripts, which start their own torchrun jobs (gloo, CPU).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+from torch import nn
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+TINY = dict(
+    hidden=64, intermediate=128, layers=2, heads=4, vocab=256, seq=16, batch=2, rank=8, nblocks=4, seed=0
+)
+FP32 = 4
+COLUMN_SHAPES = ("q", "k", "v", "gate", "up")
+
+
+def script(name: str) -> ModuleType:
+    """A module of scripts/ (the scripts import each other as top-level modules)."""
+    if str(SCRIPTS) not in sys.path:
+        sys.path.insert(0, str(SCRIPTS))
+    return importlib.import_module(name)
+
+
+def tiny_args():
+    return script("benchlib").ModelArgs(**TINY)
+
+
+def linear_shapes(m) -> dict[str, tuple[int, int]]:
+    """(d_out, d_in) of each projection of one block (as many KV heads as heads)."""
+    h, i = m.hidden, m.intermediate
+    return {"q": (h, h), "k": (h, h), "v": (h, h), "o": (h, h), "gate": (i, h), "up": (i, h), "down": (h, i)}
+
+
+def base_bytes_per_rank(m, tp: int) -> int:
+    """Embedding, lm_head and norms whole on every rank, plus 1/tp of every sharded linear."""
+    replicated = 2 * m.vocab * m.hidden + (2 * m.layers + 1) * m.hidden
+    sharded = m.layers * sum(o * i for o, i in linear_shapes(m).values())
+    return FP32 * (replicated + sharded // tp)
+
+
+def adapter_bytes(m) -> int:
+    """Unsharded BD-LoRA factors: the block-diagonal one (B of a column layer, A of a row layer) is
+    packed, ``(d_out, r / N)`` or ``(r, d_in / N)``."""
+    per_block = 0
+    for name, (d_out, d_in) in linear_shapes(m).items():
+        if name in COLUMN_SHAPES:
+            per_block += m.rank * d_in + d_out * m.rank // m.nblocks
+        else:
+            per_block += m.rank * d_in // m.nblocks + d_out * m.rank
+    return FP32 * m.layers * per_block
+
+
+# -- tier 1: no process group --------------------------------------------------------------------
+def test_saved_tensors_of_a_linear_stack_match_a_hand_count():
+    benchlib = script("benchlib")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    x = torch.randn(3, 8)
+    with benchlib.SavedTensors(model) as saved:
+        model(x).sum()
+    # first linear: x (3x8) for its weight grad; ReLU: its output (3x16), which the second linear
+    # saves again (one storage, counted once); the second linear's weight (16x4 view) is a parameter
+    assert saved.activation_bytes == FP32 * (3 * 8 + 3 * 16)
+    assert saved.parameter_bytes == FP32 * 16 * 4
+
+    model[0].requires_grad_(False)
+    with benchlib.SavedTensors(model) as saved:
+        model(x).sum()
+    assert saved.activation_bytes == FP32 * 3 * 16  # nothing needs x any more
+
+
+def test_unsharded_bytes_match_the_config():
+    benchlib = script("benchlib")
+    m = tiny_args()
+    model = benchlib.build_llama(m, None, adapter=True)
+    assert benchlib.param_bytes(model) == {"base": base_bytes_per_rank(m, 1), "adapter": adapter_bytes(m)}
+    step, optimizer = benchlib.make_train_step(model, benchlib.token_batch(m))
+    step()
+    factors = len(benchlib.adapter_factors(model))
+    assert factors == 2 * 7 * m.layers
+    # exp_avg and exp_avg_sq like each factor, plus one scalar step count per factor
+    assert benchlib.optimizer_state_bytes(optimizer) == 2 * adapter_bytes(m) + FP32 * factors
+
+
+def test_scaling_options():
+    bench_scaling = script("bench_scaling")
+    args = bench_scaling.parse_args(["--quick", "--hidden", "96"])
+    assert (args.hidden, args.heads, args.tps) == (96, 4, [1, 2])  # explicit options beat --quick
+    with pytest.raises(SystemExit, match="--tps 3"):
+        bench_scaling.check_sweeps(bench_scaling.parse_args(["--quick", "--tps", "3"]))
+
+
+# -- tier 2: the scripts' own torchrun jobs ----------------------------------------------------------
+@pytest.mark.slow
+def test_bench_memory_at_tp2_shards_as_the_config_says(tmp_path):
+    out = tmp_path / "memory.json"
+    sizes = [f"--{k}={v}" for k, v in TINY.items()]
+    cmd = [sys.executable, str(SCRIPTS / "bench_memory.py"), "--tp", "2", *sizes, "--json", str(out)]
+    printed = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    assert printed.startswith("$ python ")
+    assert "| loading peak RSS MiB (x TP 1) |" in printed
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["tp"], r["rank"]) for r in rows] == [(1, 0), (2, 0), (2, 1)]  # TP 1 added as reference
+    m = tiny_args()
+    unsharded, ranks = rows[0], rows[1:]
+    assert unsharded["base"] == base_bytes_per_rank(m, 1)
+    for r in ranks:
+        assert r["base"] == base_bytes_per_rank(m, 2)
+        assert 0 < r["activations"] < unsharded["activations"]
+        assert r["loading_peak"] > 0 and r["step_peak"] > 0
+    for key in ("adapter", "grads"):  # BD-LoRA shards exactly: nothing replicated, nothing missing
+        assert sum(r[key] for r in ranks) == unsharded[key] == adapter_bytes(m)
+
+
+@pytest.mark.slow
+def test_bench_scaling_quick_writes_four_plots(tmp_path):
+    from PIL import Image
+
+    out = tmp_path / "scaling.json"
+    cmd = [sys.executable, str(SCRIPTS / "bench_scaling.py"), "--quick", "--tps", "2"]
+    cmd += ["--out-dir", str(tmp_path), "--json", str(out)]
+    printed = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    for name in ("seq", "rank", "nblocks", "tp"):
+        with Image.open(tmp_path / f"scaling_{name}.png") as image:
+            assert image.width > 100 and image.height > 100
+            darkest, lightest = image.convert("L").getextrema()
+            assert darkest < lightest  # something was drawn
+    assert "TP degree sweep:" in printed
+    sweeps = json.loads(out.read_text())["sweeps"]
+    for points in sweeps.values():
+        assert all(p["act_bdlora"] > p["act_base"] > 0 and p["base_ms"] > 0 for p in points)
+    by_rank = {p["x"]: p["adapter_opt"] for p in sweeps["rank"]}
+    assert by_rank[16] > by_rank[8]
+    # TP 2 holds half of every factor and its moments, and still one step count per factor
+    steps = FP32 * 2 * 7 * 1  # --quick: one layer
+    (tp2,) = sweeps["tp"]
+    assert 2 * tp2["adapter_opt"] - by_rank[16] == steps
