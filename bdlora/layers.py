@@ -40,6 +40,40 @@ def expand_block_diag(w_packed: torch.Tensor, nblocks: int) -> torch.Tensor:
     return torch.block_diag(*w_packed.chunk(nblocks, 0))
 
 
+class _LoraLinear(torch.autograd.Function):
+    """``x W^T + scale * (x A^T) B^T`` for a frozen ``W``, forward and backward by hand.
+
+    Against autograd over the separate ops this saves the (tokens, d_out) delta and its sum in
+    forward (``addmm_`` into the base output, the scale on the GEMM's alpha) and the extra
+    (tokens, d_in) pass that accumulates the adapter's input gradient (``addmm_`` into the base's).
+
+    ==========  ==================  ===================================
+    x           (T, d_in)           saved (the base linear saves it too)
+    W, A, B     (d_out, d_in), (r, d_in), (d_out, r)
+    h = x A^T   (T, r)              saved
+    ==========  ==================  ===================================
+    """
+
+    @staticmethod
+    def forward(ctx, x, w, a, b, scale: float):
+        h = x @ a.t()  # (T, r)
+        out = (x @ w.t()).addmm_(h, b.t(), alpha=scale)  # (T, d_out)
+        ctx.save_for_backward(x, w, a, b, h)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, w, a, b, h = ctx.saved_tensors
+        grad_h = (grad_out @ b).mul_(ctx.scale)  # (T, r)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad_out @ w).addmm_(grad_h, a)  # (T, d_in)
+        grad_a = grad_h.t() @ x if ctx.needs_input_grad[2] else None  # (r, d_in)
+        grad_b = (grad_out.t() @ h).mul_(ctx.scale) if ctx.needs_input_grad[3] else None  # (d_out, r)
+        return grad_x, None, grad_a, grad_b, None
+
+
 def dense_factors(
     role: Role, a: torch.Tensor, b: torch.Tensor, nblocks: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,6 +151,10 @@ class BDLoraLinear(nn.Module):
     ``global_shape`` is the unsharded base weight's ``(d_out, d_in)``; under TP ``base_layer`` holds
     this rank's shard and ``tp_style`` says how the shards combine.
     """
+
+    # Forward and backward through ``_LoraLinear`` where it applies; False: autograd over the
+    # separate ops (``lora_delta``), the reference the fused path is tested and profiled against.
+    fused: bool = True
 
     def __init__(self, base_layer: nn.Linear, role: Role) -> None:
         super().__init__()
@@ -228,22 +266,29 @@ class BDLoraLinear(nn.Module):
 
     def partial_forward(self, x: torch.Tensor) -> torch.Tensor:
         """``W x`` plus the live adapter's delta, before the bias (a row shard's partial sum)."""
-        out = F.linear(x, self.base_layer.weight)
         name = self.live_adapter()
-        return out if name is None else self.add_delta(out, x, name)
+        if name is None:
+            return F.linear(x, self.base_layer.weight)
+        if self.fused and self._fusable(x, name):
+            return self._fused_forward(x, name)
+        return F.linear(x, self.base_layer.weight) + self.lora_delta(x, name).to(x.dtype)
 
-    def add_delta(self, out: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
-        """``out + scale * B (A x)``. With one block on this rank (BD-LoRA at TP = nblocks) and one
-        dtype, the second factor, the scale and the sum are one ``addmm``: the scale rides on the
-        GEMM's alpha, forward and backward, and no (tokens, d_out) delta is materialised.
-        """
-        a, b = self.lora_A[name], self.lora_B[name]
-        if self.local_nblocks[name] != 1 or not (out.dtype == a.dtype == x.dtype):
-            return out + self.lora_delta(x, name).to(out.dtype)
-        h = F.linear(self.adapter_input(x, name), a)  # (..., r_local)
-        out_2d = out.reshape(-1, out.shape[-1])  # (T, d_out_local)
-        fused = torch.addmm(out_2d, h.reshape(-1, h.shape[-1]), b.t(), alpha=self.scaling[name])
-        return fused.view(out.shape)
+    def _fusable(self, x: torch.Tensor, name: str) -> bool:
+        """One dtype throughout, and no dropout (the adapter then sees the base's own input)."""
+        w, a = self.base_layer.weight, self.lora_A[name]
+        return x.dtype == w.dtype == a.dtype and isinstance(self.lora_dropout[name], nn.Identity)
+
+    def _fused_forward(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """``_LoraLinear`` on dense factors: the block-diagonal one expanded (autograd packs its
+        gradient back into blocks), a no-op with one block per rank (BD-LoRA at TP = nblocks)."""
+        a, b, nblocks = self.lora_A[name], self.lora_B[name], self.local_nblocks[name]
+        if nblocks > 1 and self.role is Role.COLUMN:
+            b = expand_block_diag(b, nblocks)  # (d_out, r)
+        elif nblocks > 1:
+            a = expand_block_diag(a, nblocks)  # (r, d_in)
+        x_2d = x.reshape(-1, x.shape[-1])  # (T, d_in)
+        out = _LoraLinear.apply(x_2d, self.base_layer.weight, a, b, self.scaling[name])  # (T, d_out)
+        return out.view(*x.shape[:-1], out.shape[-1])
 
     def add_bias(self, out: torch.Tensor) -> torch.Tensor:
         bias = self.base_layer.bias

@@ -1,12 +1,13 @@
 """Where the adapter's step time goes under TP, and what the fused path saves, in one run.
 
 Three models with equal base weights are sharded over the TP group (``bench_tp.py``'s model):
-``base`` (no adapter), ``unfused`` (BD-LoRA through the general path: ``h = A x``, ``h * scale``,
-the block matmul with its reshapes, then ``out + delta``) and ``fused`` (BD-LoRA as it runs: one
-block per rank, so ``out + scale * B h`` is a single ``addmm``). Their training steps interleave,
-and the table gives the median step time of each, beside the adapter's share of the linear layers'
-FLOPs. ``torch.profiler`` then splits one rank's steps by operator: the rows are where the adapter
-modes spend time the base does not.
+``base`` (no adapter); ``unfused``, BD-LoRA with autograd over the separate ops (``h = A x``,
+``h * scale``, the block matmul with its reshapes, ``out + delta``, and in backward a separate
+pass adding the adapter's input gradient to the base's); and ``fused``, BD-LoRA as it runs
+(``BDLoraLinear``'s hand-written forward and backward, which fold the scale, the sum and that
+accumulation into the GEMMs). Their training steps interleave, and the table gives the median step
+time of each beside the adapter's share of the linear layers' FLOPs. ``torch.profiler`` then splits
+one rank's steps by operator: the rows are where the adapter modes spend time the base does not.
 
     python scripts/profile_adapter.py --tp 2         # launches torchrun itself; ~1 min on 2 cores
     torchrun --nproc-per-node 4 scripts/profile_adapter.py --rank 32
@@ -18,7 +19,6 @@ import os
 import statistics
 import sys
 import time
-import types
 import warnings
 from collections import defaultdict
 from collections.abc import Callable
@@ -31,23 +31,17 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_tp  # noqa: E402 - the sibling script: same model, step and launcher
 
-from bdlora.layers import BDLoraLinear  # noqa: E402
 from bdlora.model import bdlora_layers  # noqa: E402
 from bdlora.parallel import ParallelDims, build_mesh, init_distributed  # noqa: E402
 
 MODES = ("base", "unfused", "fused")
 
 
-def unfused_add_delta(layer: BDLoraLinear, out: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
-    """The general path (any block count, any dtype mix), forced."""
-    return out + layer.lora_delta(x, name).to(out.dtype)
-
-
 def build(args: bench_tp.BenchArgs, mode: str, mesh) -> torch.nn.Module:
     model = bench_tp.build_model(args, "base" if mode == "base" else "bdlora", mesh)
     if mode == "unfused":
         for _, layer in bdlora_layers(model):
-            layer.add_delta = types.MethodType(unfused_add_delta, layer)
+            layer.fused = False  # autograd over the separate ops
     return model
 
 

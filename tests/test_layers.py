@@ -106,6 +106,60 @@ def test_forward_equals_dense_formula(role, bias):
     assert_close(layer.delta_weight("a"), layer.scaling["a"] * b @ a)
 
 
+def graph_nodes(out: torch.Tensor) -> set[str]:
+    """Names of the autograd nodes behind ``out``."""
+    seen, stack = set(), [out.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is not None and type(node).__name__ not in seen:
+            seen.add(type(node).__name__)
+            stack.extend(next_fn for next_fn, _ in node.next_functions)
+    return seen
+
+
+def fused_ran(out: torch.Tensor) -> bool:
+    return any("_LoraLinear" in name for name in graph_nodes(out))
+
+
+def forward_backward(layer: BDLoraLinear, x: torch.Tensor, input_grad: bool) -> list[torch.Tensor]:
+    """Output, input gradient (if asked) and factor gradients of a squared-output loss."""
+    layer.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_(input_grad)
+    out = layer(x)
+    out.square().sum().backward()
+    grads = [layer.lora_A["a"].grad, layer.lora_B["a"].grad]
+    return [out.detach(), *grads, *([x.grad] if input_grad else [])]
+
+
+@pytest.mark.parametrize("role", [Role.COLUMN, Role.ROW])
+@pytest.mark.parametrize("nblocks", [1, 2, 4])
+@pytest.mark.parametrize("input_grad", [True, False])
+def test_fused_forward_and_backward_equal_autograd_over_the_separate_ops(role, nblocks, input_grad):
+    layer = make_layer(role, nblocks=nblocks)
+    x = torch.randn(2, 5, D_IN)
+    fused = forward_backward(layer, x, input_grad)
+    assert fused_ran(layer(x))
+    layer.fused = False
+    reference = forward_backward(layer, x, input_grad)
+    assert not fused_ran(layer(x))
+    for got, want in zip(fused, reference, strict=True):  # fp32, summed in another order
+        assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    assert_close(fused[0], dense_forward(layer, x), rtol=1e-5, atol=1e-5)
+
+
+def test_dropout_and_mixed_dtypes_take_the_general_path():
+    layer = make_layer(Role.COLUMN, dropout=0.5)
+    assert not fused_ran(layer(torch.randn(3, D_IN)))
+    layer = make_layer(Role.ROW)
+    x = torch.randn(3, D_IN)
+    want = dense_forward(layer, x)
+    layer.lora_A["a"].data = layer.lora_A["a"].data.double()
+    layer.lora_B["a"].data = layer.lora_B["a"].data.double()
+    out = layer(x)
+    assert out.dtype == x.dtype and not fused_ran(out)
+    assert_close(out, want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("role", [Role.COLUMN, Role.ROW])
 def test_merge_then_unmerge(role):
     layer = make_layer(role)
