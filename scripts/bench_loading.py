@@ -29,12 +29,12 @@ import sys
 import tempfile
 import threading
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from rank_main import run_rank
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaForCausalLM
@@ -308,12 +308,7 @@ def main(argv: list[str] | None = None) -> None:
     if "RANK" not in os.environ:
         run_launcher(args)
         return
-    warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
-    try:
-        run_worker(args)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    run_rank(run_worker, args)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,6 @@ import os
 import shlex
 import sys
 import tempfile
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -40,6 +39,7 @@ import benchlib
 import torch
 import torch.distributed as dist
 from benchlib import MiB, ModelArgs
+from rank_main import run_rank
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
@@ -168,12 +168,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     if "RANK" in os.environ:
-        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
-        try:
-            run_worker(args)
-        finally:
-            if dist.is_initialized():
-                dist.destroy_process_group()
+        run_rank(run_worker, args)
         return
     print("$ python " + shlex.join([sys.argv[0], *argv]), flush=True)
     m = benchlib.model_args(args)

@@ -27,7 +27,6 @@ import os
 import shlex
 import sys
 import tempfile
-import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -36,6 +35,7 @@ import matplotlib
 import torch
 import torch.distributed as dist
 from benchlib import MiB, ModelArgs
+from rank_main import run_rank
 from torch.distributed.device_mesh import DeviceMesh
 
 from bdlora import BDLoraConfig
@@ -235,12 +235,7 @@ def main(argv: list[str] | None = None) -> None:
     if "RANK" not in os.environ:
         run_launcher(args, argv)
         return
-    warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
-    try:
-        run_worker(args)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    run_rank(run_worker, args)
 
 
 if __name__ == "__main__":

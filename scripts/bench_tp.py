@@ -26,13 +26,13 @@ import statistics
 import subprocess
 import sys
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from rank_main import run_rank
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from transformers import LlamaForCausalLM
@@ -302,12 +302,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if "RANK" not in os.environ:
         sys.exit(launch(argv, args.tp or 2))
-    warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
-    try:
-        run(args)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    run_rank(run, args)
 
 
 if __name__ == "__main__":

@@ -19,20 +19,17 @@ import os
 import statistics
 import sys
 import time
-import warnings
 from collections import defaultdict
 from collections.abc import Callable
-from pathlib import Path
 
+import bench_tp  # the sibling script: same model, step and launcher
 import torch
 import torch.distributed as dist
+from rank_main import run_rank
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_tp  # noqa: E402 - the sibling script: same model, step and launcher
-
-from bdlora.model import bdlora_layers  # noqa: E402
-from bdlora.parallel import ParallelDims, build_mesh, init_distributed  # noqa: E402
+from bdlora.model import bdlora_layers
+from bdlora.parallel import ParallelDims, build_mesh, init_distributed
 
 MODES = ("base", "unfused", "fused")
 
@@ -124,12 +121,7 @@ def main(argv: list[str] | None = None) -> None:
     args = bench_tp.parse_args(argv)
     if "RANK" not in os.environ:
         sys.exit(bench_tp.launch(argv, args.tp or 2, __file__))
-    warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
-    try:
-        run(args)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    run_rank(run, args)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,21 @@
+"""The body of one torchrun rank, shared by the benchmark scripts."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import TypeVar
+
+import torch.distributed as dist
+
+Args = TypeVar("Args")
+
+
+def run_rank(body: Callable[[Args], None], args: Args) -> None:
+    """``body(args)`` with transformers' deprecation noise off; the process group destroyed after."""
+    warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+    try:
+        body(args)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
