@@ -274,19 +274,20 @@ class BDLoraLinear(nn.Module):
         return F.linear(x, self.base_layer.weight) + self.lora_delta(x, name).to(x.dtype)
 
     def _fusable(self, x: torch.Tensor, name: str) -> bool:
-        """One dtype throughout, and no dropout (the adapter then sees the base's own input)."""
+        """One block of the block-diagonal factor on this rank (BD-LoRA at TP = nblocks, or plain
+        LoRA), one dtype, and no dropout (the adapter then sees the base's own input). More blocks
+        take the packed ``bmm``: a dense expansion would multiply that factor's FLOPs by the blocks.
+        """
         w, a = self.base_layer.weight, self.lora_A[name]
-        return x.dtype == w.dtype == a.dtype and isinstance(self.lora_dropout[name], nn.Identity)
+        return (
+            self.local_nblocks[name] == 1
+            and x.dtype == w.dtype == a.dtype
+            and isinstance(self.lora_dropout[name], nn.Identity)
+        )
 
     def _fused_forward(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        """``_LoraLinear`` on dense factors: the block-diagonal one expanded (autograd packs its
-        gradient back into blocks), a no-op with one block per rank (BD-LoRA at TP = nblocks)."""
-        a, b, nblocks = self.lora_A[name], self.lora_B[name], self.local_nblocks[name]
-        if nblocks > 1 and self.role is Role.COLUMN:
-            b = expand_block_diag(b, nblocks)  # (d_out, r)
-        elif nblocks > 1:
-            a = expand_block_diag(a, nblocks)  # (r, d_in)
         x_2d = x.reshape(-1, x.shape[-1])  # (T, d_in)
+        a, b = self.lora_A[name], self.lora_B[name]
         out = _LoraLinear.apply(x_2d, self.base_layer.weight, a, b, self.scaling[name])  # (T, d_out)
         return out.view(*x.shape[:-1], out.shape[-1])
 

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from rank_main import run_rank
+from rank_main import run_rank, torchrun
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaForCausalLM
@@ -101,12 +101,7 @@ def save_model(args: BenchArgs, model_dir: Path) -> None:
 def launch(args: BenchArgs, model_dir: Path, tp: int, result: Path) -> list[dict]:
     """One torchrun job of ``tp`` ranks; returns each rank's measurements."""
     cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={tp}",
-        __file__,
+        *torchrun(tp, __file__),
         f"--model-dir={model_dir}",
         f"--rank={args.rank}",
         f"--worker-result={result}",

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from rank_main import run_rank
+from rank_main import run_rank, torchrun
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from transformers import LlamaForCausalLM
@@ -92,15 +92,7 @@ def parse_args(argv: list[str] | None = None) -> BenchArgs:
 
 def launch(argv: list[str], tp: int, script: str = __file__) -> int:
     """Re-run ``script`` (this one) under ``torch.distributed.run`` (torchrun need not be on PATH)."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={tp}",
-        script,
-        *argv,
-    ]
+    cmd = torchrun(tp, script, *argv)
     print("$ python " + shlex.join(sys.argv), flush=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # torchrun would set it anyway, with a warning
     return subprocess.run(cmd, env=env, check=False).returncode

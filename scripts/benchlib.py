@@ -17,7 +17,6 @@ import os
 import shlex
 import statistics
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, fields
@@ -26,6 +25,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from bench_tp import adapter_factors
+from rank_main import torchrun
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from transformers import LlamaForCausalLM
@@ -242,13 +242,7 @@ def run_torchrun(script: str, tp: int, argv: list[str], result: Path) -> object:
     """Run ``script`` under ``python -m torch.distributed.run`` with ``tp`` ranks (torchrun need not be
     on PATH); it writes its gathered result to ``--worker-result``, which is returned."""
     cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={tp}",
-        script,
-        *argv,
+        *torchrun(tp, script, *argv),
         f"--worker-result={result}",
     ]
     print("$ " + shlex.join(cmd), flush=True)

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from rank_main import torchrun
 from torch import nn
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -301,15 +302,7 @@ def launch(args: argparse.Namespace, method: str, seed: int, tp: int, out: Path)
     if tp == 1:
         cmd = [sys.executable, *one, f"--threads={args.threads}"]
     else:
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc-per-node={tp}",
-            *one,
-            "--threads=1",
-        ]
+        cmd = [*torchrun(tp, *one), "--threads=1"]
     print(f"  {method} seed {seed} tp {tp} ...", end="", flush=True)
     subprocess.run(cmd, check=True)
     result = json.loads(out.read_text())

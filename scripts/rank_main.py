@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import warnings
 from collections.abc import Callable
 from typing import TypeVar
@@ -9,6 +10,19 @@ from typing import TypeVar
 import torch.distributed as dist
 
 Args = TypeVar("Args")
+
+
+def torchrun(nproc: int, script: str, *args: str) -> list[str]:
+    """The command running ``script`` on ``nproc`` local ranks (torchrun need not be on PATH)."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        script,
+        *args,
+    ]
 
 
 def run_rank(body: Callable[[Args], None], args: Args) -> None:

@@ -138,7 +138,7 @@ def test_fused_forward_and_backward_equal_autograd_over_the_separate_ops(role, n
     layer = make_layer(role, nblocks=nblocks)
     x = torch.randn(2, 5, D_IN)
     fused = forward_backward(layer, x, input_grad)
-    assert fused_ran(layer(x))
+    assert fused_ran(layer(x)) == (nblocks == 1)  # more blocks: the packed bmm, not a dense expansion
     layer.fused = False
     reference = forward_backward(layer, x, input_grad)
     assert not fused_ran(layer(x))

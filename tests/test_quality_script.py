@@ -36,6 +36,8 @@ def bd_params(rank_of) -> int:
 
 
 def load_script():
+    if str(SCRIPT.parent) not in sys.path:
+        sys.path.insert(0, str(SCRIPT.parent))  # as when run: its sibling modules import
     spec = importlib.util.spec_from_file_location("quality_script", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there
