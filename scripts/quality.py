@@ -19,7 +19,9 @@ attention and MLP, and between the early and late layers.
     python scripts/quality.py --seeds 0 --no-sweep  # a quicker look
     python scripts/quality.py run --method lora --seed 1 --out run.json   # one run
 
-Writes ``quality.json`` (every run) and ``quality.md`` (the tables) under ``--out-dir``.
+Writes ``quality.json`` (every run) and ``quality.md`` (the tables) under ``--out-dir``. Each run
+also leaves its own file in ``quality_runs/``; a rerun reuses the runs finished with the same
+settings (``--fresh`` reruns everything), so an interrupted table continues where it stopped.
 """
 
 from __future__ import annotations
@@ -262,10 +264,19 @@ def run_one(args: argparse.Namespace) -> dict:
         "accuracy": accuracy(model, tokenizer, questions),
         "losses": losses,
         "train_s": seconds,
+        "settings": settings(args),
     }
     if int(os.environ.get("RANK", "0")) == 0 and args.out:
-        Path(args.out).write_text(json.dumps(result))
+        partial = Path(f"{args.out}.partial")
+        partial.write_text(json.dumps(result))
+        partial.replace(args.out)  # a run's file is whole or absent
     return result
+
+
+def settings(args: argparse.Namespace) -> dict:
+    """What a run's result depends on besides its method, seed and TP degree."""
+    keys = ("steps", "batch", "lr", "warmup", "eval", "nblocks", "layers", "model_dir")
+    return {key: getattr(args, key) for key in keys}
 
 
 def base_accuracy(args: argparse.Namespace) -> float:
@@ -304,7 +315,11 @@ def launch(args: argparse.Namespace, method: str, seed: int, tp: int, out: Path)
     else:
         cmd = [*torchrun(tp, *one), "--threads=1"]
     print(f"  {method} seed {seed} tp {tp} ...", end="", flush=True)
-    subprocess.run(cmd, check=True)
+    earlier = json.loads(out.read_text()) if out.is_file() and not args.fresh else None
+    if earlier is not None and earlier.get("settings") == settings(args):
+        print(" (finished earlier)", end="")
+    else:
+        subprocess.run(cmd, check=True)
     result = json.loads(out.read_text())
     print(f" accuracy {result['accuracy']:.3f}, {result['train_s']:.0f} s", flush=True)
     return result
@@ -422,6 +437,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model-dir", help="a Hugging Face model directory (default: SmolLM2-135M-Instruct)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--out-dir", default="docs/benchmarks")
+    p.add_argument(
+        "--fresh",
+        action="store_true",
+        help="rerun every run (default: reuse a run finished with the same settings)",
+    )
     return p.parse_args(argv)
 
 

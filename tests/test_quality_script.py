@@ -169,3 +169,18 @@ def test_the_whole_table_on_a_tiny_model(tiny_dir, tmp_path):
     assert "| LoRA (PEFT), rank 8 |" in table
     rows = [line for line in table.splitlines() if line.startswith("| ")]
     assert len(rows) == 1 + 4, table  # the header, the base model and 3 methods
+
+
+@pytest.mark.slow
+def test_a_rerun_reuses_runs_finished_with_the_same_settings_only(tmp_path):
+    args = quality.parse_args(["--model-dir=/nonexistent", "--steps=3"])
+    out = tmp_path / "lora_s0_tp1.json"
+    finished = {"method": "lora", "accuracy": 0.25, "train_s": 1.0, "settings": quality.settings(args)}
+    out.write_text(json.dumps(finished))
+    assert quality.launch(args, "lora", 0, 1, out) == finished  # nothing ran: the model dir is bogus
+    changed = quality.parse_args(["--model-dir=/nonexistent", "--steps=4"])
+    with pytest.raises(subprocess.CalledProcessError):  # other settings: it runs (and fails here)
+        quality.launch(changed, "lora", 0, 1, out)
+    fresh = quality.parse_args(["--model-dir=/nonexistent", "--steps=3", "--fresh"])
+    with pytest.raises(subprocess.CalledProcessError):
+        quality.launch(fresh, "lora", 0, 1, out)
