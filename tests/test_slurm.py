@@ -112,12 +112,21 @@ def test_a_preemption_signal_checkpoints_requeues_and_the_job_resumes(job_env, t
 
     def finished() -> bool:
         state = squeue(job_env, job)
-        if "BeginTime" in state:  # a requeued job waits before it is eligible again: release it now
-            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=job_env, check=False)
+        if "BeginTime" in state:  # a requeued job waits before it is eligible again: release it sooner,
+            # but not within the second of the requeue: slurmd refuses a job id whose credential it
+            # revoked in that same second ("Job credential revoked"), which Slurm's wait exists to avoid
+            subprocess.run(
+                ["scontrol", "update", f"JobId={job}", "StartTime=now+2"], env=job_env, check=False
+            )
         return state == "" and (run_dir / "summary.json").exists()
 
-    wait_until(finished, 240, f"job {job} to be requeued and finish")
-    log = (tmp_path / f"bdlora-{job}.out").read_text()
+    log_file = tmp_path / f"bdlora-{job}.out"
+    try:
+        wait_until(finished, 240, f"job {job} to be requeued and finish")
+    except AssertionError as err:
+        state = squeue(job_env, job)
+        raise AssertionError(f"{err}; squeue: {state!r}; job log:\n{log_file.read_text()}") from None
+    log = log_file.read_text()
     assert "requeueing job" in log and f"job {job} (restart 1)" in log, log
     resumed = re.search(r"resumed from \S+step_(\d+) at step (\d+)", log)
     assert resumed, log
