@@ -18,6 +18,7 @@ attention and MLP, and between the early and late layers.
     python scripts/quality.py                       # everything (about an hour on 2 CPU cores)
     python scripts/quality.py --seeds 0 --no-sweep  # a quicker look
     python scripts/quality.py run --method lora --seed 1 --out run.json   # one run
+    python scripts/quality.py report                # the tables of the runs finished so far
 
 Writes ``quality.json`` (every run) and ``quality.md`` (the tables) under ``--out-dir``. Each run
 also leaves its own file in ``quality_runs/``; a rerun reuses the runs finished with the same
@@ -307,8 +308,9 @@ def common_args(args: argparse.Namespace) -> list[str]:
     return out + ([f"--model-dir={args.model_dir}"] if args.model_dir else [])
 
 
-def launch(args: argparse.Namespace, method: str, seed: int, tp: int, out: Path) -> dict:
-    """One run in its own process (torchrun for TP > 1), so every run starts from a clean state."""
+def launch(args: argparse.Namespace, method: str, seed: int, tp: int, out: Path) -> dict | None:
+    """One run in its own process (torchrun for TP > 1), so every run starts from a clean state;
+    a run finished earlier with the same settings is reused, and ``report`` runs nothing."""
     one = [__file__, "run", f"--method={method}", f"--seed={seed}", f"--out={out}", *common_args(args)]
     if tp == 1:
         cmd = [sys.executable, *one, f"--threads={args.threads}"]
@@ -318,6 +320,9 @@ def launch(args: argparse.Namespace, method: str, seed: int, tp: int, out: Path)
     earlier = json.loads(out.read_text()) if out.is_file() and not args.fresh else None
     if earlier is not None and earlier.get("settings") == settings(args):
         print(" (finished earlier)", end="")
+    elif args.mode == "report":
+        print(" not run yet", flush=True)
+        return None
     else:
         subprocess.run(cmd, check=True)
     result = json.loads(out.read_text())
@@ -337,7 +342,10 @@ def table(rows: list[tuple[str, int, list[float]]], lora_params: int) -> list[st
         "|---|---:|---:|---:|---|",
     ]
     for label, params, accs in rows:
-        share = f"{params / lora_params:.3f}" if params else "-"
+        if not accs:
+            lines.append(f"| {label} | - | - | not run yet | |")
+            continue
+        share = f"{params / lora_params:.3f}" if params and lora_params else "-"
         seeds = ", ".join(f"{100 * a:.1f}" for a in accs)
         lines.append(f"| {label} | {params:,} | {share} | {mean_spread(accs)} | {seeds} |")
     return lines
@@ -347,7 +355,7 @@ def run_all(args: argparse.Namespace) -> None:
     out_dir = Path(args.out_dir)
     runs_dir = out_dir / "quality_runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
-    command = "python " + shlex.join(["scripts/quality.py", *sys.argv[1:]])
+    command = "python " + shlex.join(["scripts/quality.py", *(a for a in sys.argv[1:] if a != "report")])
     print(f"$ {command}")
     results: list[dict] = []
     base = base_accuracy(args)
@@ -356,6 +364,7 @@ def run_all(args: argparse.Namespace) -> None:
     for name in [m.name for m in MAIN]:
         for seed in args.seeds:
             results.append(launch(args, name, seed, 1, runs_dir / f"{name}_s{seed}_tp1.json"))
+    results = [r for r in results if r is not None]
     tp_check = None
     if args.tp_check:
         sharded = launch(
@@ -365,22 +374,24 @@ def run_all(args: argparse.Namespace) -> None:
             args.nblocks,
             runs_dir / f"bdlora_s{args.seeds[0]}_tp{args.nblocks}.json",
         )
-        single = next(r for r in results if r["method"] == "bdlora" and r["seed"] == args.seeds[0])
-        tp_check = {
-            "tp": args.nblocks,
-            "accuracy_tp1": single["accuracy"],
-            "accuracy_tp": sharded["accuracy"],
-            "max_loss_diff": max(abs(a - b) for a, b in zip(single["losses"], sharded["losses"])),
-        }
-        results.append(sharded)
+        single = [r for r in results if r["method"] == "bdlora" and r["seed"] == args.seeds[0]]
+        if sharded is not None and single:
+            tp_check = {
+                "tp": args.nblocks,
+                "accuracy_tp1": single[0]["accuracy"],
+                "accuracy_tp": sharded["accuracy"],
+                "max_loss_diff": max(abs(a - b) for a, b in zip(single[0]["losses"], sharded["losses"])),
+            }
+            results.append(sharded)
     sweep = [m.name for m in sweep_methods(args.layers)] if args.sweep else []
     for name in sweep:
         for seed in args.sweep_seeds:
-            results.append(launch(args, name, seed, 1, runs_dir / f"{name}_s{seed}_tp1.json"))
+            result = launch(args, name, seed, 1, runs_dir / f"{name}_s{seed}_tp1.json")
+            results += [result] if result is not None else []
 
     def row(name: str) -> tuple[str, int, list[float]]:
         mine = [r for r in results if r["method"] == name and r["tp"] == 1]
-        return methods[name].label, mine[0]["params"], [r["accuracy"] for r in mine]
+        return methods[name].label, mine[0]["params"] if mine else 0, [r["accuracy"] for r in mine]
 
     lora_params = row("lora")[1]
     lines = [
@@ -419,7 +430,13 @@ def run_all(args: argparse.Namespace) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    p.add_argument("mode", nargs="?", default="all", choices=["all", "run"])
+    p.add_argument(
+        "mode",
+        nargs="?",
+        default="all",
+        choices=["all", "run", "report"],
+        help="report: the tables of the runs finished so far",
+    )
     p.add_argument("--method", default="bdlora", help="run: one of " + ", ".join(ALL_METHODS(30)))
     p.add_argument("--seed", type=int, default=0, help="run: the seed")
     p.add_argument("--out", help="run: where rank 0 writes the result (JSON)")
@@ -450,7 +467,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.mode == "run":
         run_one(args)
     else:
-        run_all(args)
+        run_all(args)  # report: the same tables, from the runs finished so far
 
 
 if __name__ == "__main__":

@@ -181,6 +181,8 @@ def test_a_rerun_reuses_runs_finished_with_the_same_settings_only(tmp_path):
     changed = quality.parse_args(["--model-dir=/nonexistent", "--steps=4"])
     with pytest.raises(subprocess.CalledProcessError):  # other settings: it runs (and fails here)
         quality.launch(changed, "lora", 0, 1, out)
+    report = quality.parse_args(["report", "--model-dir=/nonexistent", "--steps=4"])
+    assert quality.launch(report, "lora", 0, 1, out) is None  # report runs nothing
     fresh = quality.parse_args(["--model-dir=/nonexistent", "--steps=3", "--fresh"])
     with pytest.raises(subprocess.CalledProcessError):
         quality.launch(fresh, "lora", 0, 1, out)
