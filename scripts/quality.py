@@ -389,8 +389,9 @@ def run_all(args: argparse.Namespace) -> None:
             result = launch(args, name, seed, 1, runs_dir / f"{name}_s{seed}_tp1.json")
             results += [result] if result is not None else []
 
-    def row(name: str) -> tuple[str, int, list[float]]:
+    def row(name: str, seeds: list[int] | None = None) -> tuple[str, int, list[float]]:
         mine = [r for r in results if r["method"] == name and r["tp"] == 1]
+        mine = [r for r in mine if seeds is None or r["seed"] in seeds]
         return methods[name].label, mine[0]["params"] if mine else 0, [r["accuracy"] for r in mine]
 
     lora_params = row("lora")[1]
@@ -417,7 +418,7 @@ def run_all(args: argparse.Namespace) -> None:
             f"Rank sweep at about LoRA's budget (BD-LoRA, nblocks {args.nblocks}; seeds "
             f"{', '.join(map(str, args.sweep_seeds))}):",
             "",
-            *table([row("bdlora_matched")] + [row(name) for name in sweep], lora_params),
+            *table([row("bdlora_matched", args.sweep_seeds)] + [row(name) for name in sweep], lora_params),
         ]
     (out_dir / "quality.json").write_text(
         json.dumps(
