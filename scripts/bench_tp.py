@@ -168,16 +168,23 @@ def count_step(model: nn.Module, tokens: torch.Tensor, group: dist.ProcessGroup)
 
 def time_interleaved(steps: dict[str, Callable[[], None]], args: BenchArgs) -> dict[str, list[float]]:
     """This rank's seconds per timed step of each mode; the mode order rotates every repetition."""
-    times: dict[str, list[float]] = {mode: [] for mode in steps}
+    modes = list(steps)
+    times: dict[str, list[float]] = {mode: [] for mode in modes}
     for rep in range(args.warmup + args.steps):
-        shift = rep % len(MODES)
-        for mode in MODES[shift:] + MODES[:shift]:
+        shift = rep % len(modes)
+        for mode in modes[shift:] + modes[:shift]:
             dist.barrier()  # every rank starts the step together
             start = time.perf_counter()
             steps[mode]()
             if rep >= args.warmup:
                 times[mode].append(time.perf_counter() - start)
     return times
+
+
+def time_slowest(steps: dict[str, Callable[[], None]], args: BenchArgs) -> dict[str, list[float]]:
+    """Per mode, each timed step's seconds on the slowest rank."""
+    per_rank = gather(time_interleaved(steps, args))
+    return {mode: [max(r[mode][i] for r in per_rank) for i in range(args.steps)] for mode in steps}
 
 
 def gather(obj) -> list:
@@ -279,8 +286,7 @@ def run(args: BenchArgs) -> None:
     )
     extra = slora_extra_bytes(adapters_of(models["slora"])["default"].plan, args.batch * args.seq, world)
     steps = {mode: make_step(models[mode], tokens) for mode in MODES}
-    per_rank = gather(time_interleaved(steps, args))
-    slowest = {mode: [max(r[mode][i] for r in per_rank) for i in range(args.steps)] for mode in MODES}
+    slowest = time_slowest(steps, args)
     print_table(comm, {mode: statistics.median(slowest[mode]) for mode in MODES})
     print_slora_check(comm, extra, args.batch * args.seq, world)
     base_flops, adapter_flops = linear_flops(models["bdlora"])

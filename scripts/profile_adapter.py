@@ -18,13 +18,11 @@ from __future__ import annotations
 import os
 import statistics
 import sys
-import time
 from collections import defaultdict
 from collections.abc import Callable
 
 import bench_tp  # the sibling script: same model, step and launcher
 import torch
-import torch.distributed as dist
 from rank_main import run_rank
 from torch.profiler import ProfilerActivity, profile
 
@@ -40,21 +38,6 @@ def build(args: bench_tp.BenchArgs, mode: str, mesh) -> torch.nn.Module:
         for _, layer in bdlora_layers(model):
             layer.fused = False  # autograd over the separate ops
     return model
-
-
-def time_modes(steps: dict[str, Callable[[], None]], reps: int, warmup: int) -> dict[str, list[float]]:
-    """The slowest rank's seconds per step of each mode; the order rotates every repetition."""
-    times: dict[str, list[float]] = {mode: [] for mode in MODES}
-    for rep in range(warmup + reps):
-        shift = rep % len(MODES)
-        for mode in MODES[shift:] + MODES[:shift]:
-            dist.barrier()
-            start = time.perf_counter()
-            steps[mode]()
-            if rep >= warmup:
-                times[mode].append(time.perf_counter() - start)
-    per_rank = bench_tp.gather(times)
-    return {mode: [max(r[mode][i] for r in per_rank) for i in range(reps)] for mode in MODES}
 
 
 def op_times(step: Callable[[], None], steps: int) -> dict[str, float]:
@@ -97,7 +80,7 @@ def run(args: bench_tp.BenchArgs) -> None:
     generator = torch.Generator().manual_seed(args.seed + 1)
     tokens = torch.randint(args.vocab, (args.batch, args.seq), generator=generator)  # (B, T)
     steps = {mode: bench_tp.make_step(models[mode], tokens) for mode in MODES}
-    times = time_modes(steps, args.steps, args.warmup)
+    times = bench_tp.time_slowest(steps, args)
     med = {mode: statistics.median(times[mode]) for mode in MODES}
     base_flops, adapter_flops = bench_tp.linear_flops(models["fused"])
     share = adapter_flops / base_flops
