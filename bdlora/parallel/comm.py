@@ -4,6 +4,12 @@ Megatron's mappings: ``copy_to_tp`` ("f": forward identity, backward all-reduce)
 replicated activation enters column-parallel layers; ``reduce_from_tp`` ("g": forward all-reduce,
 backward identity) sums row-parallel partial outputs. ``gather_from_tp`` exists only for the
 S-LoRA baseline, which needs the full rank dimension of a sharded activation.
+
+Sequence parallelism splits the activations between blocks along the sequence (dim 1 of
+``(B, T, D)``): ``gather_seq`` replaces f (forward all-gather, backward reduce-scatter) and
+``reduce_scatter_seq`` replaces g (forward reduce-scatter, backward all-gather), the same bytes as
+the all-reduces they stand for. ``gather_vocab`` assembles vocabulary-parallel logits for callers
+that want all of them (generation).
 """
 
 from __future__ import annotations
@@ -77,6 +83,97 @@ class _GatherFromTP(torch.autograd.Function):
         out = grad.new_empty((chunks.shape[1], k))  # (T, k)
         dist.reduce_scatter_single(out, chunks.view(-1, k), group=ctx.group)
         return out.view(*lead, k), None
+
+
+def _all_gather_dim(x: torch.Tensor, dim: int, group: dist.ProcessGroup) -> torch.Tensor:
+    """Shards of ``x`` along ``dim`` concatenated in rank order."""
+    t = dist.get_world_size(group)
+    x_front = x.movedim(dim, 0).contiguous()  # (k, ...)
+    out = x_front.new_empty((t * x_front.shape[0], *x_front.shape[1:]))  # (t*k, ...)
+    dist.all_gather_single(out, x_front, group=group)
+    return out.movedim(0, dim)
+
+
+def _reduce_scatter_dim(x: torch.Tensor, dim: int, group: dist.ProcessGroup) -> torch.Tensor:
+    """This rank's chunk along ``dim`` of the sum of ``x`` over the group."""
+    t = dist.get_world_size(group)
+    x_front = x.movedim(dim, 0).contiguous()  # (t*k, ...)
+    out = x_front.new_empty((x_front.shape[0] // t, *x_front.shape[1:]))  # (k, ...)
+    dist.reduce_scatter_single(out, x_front, group=group)
+    return out.movedim(0, dim)
+
+
+class _GatherSeq(torch.autograd.Function):
+    """forward: all-gather along the sequence (B, T/t, D) -> (B, T, D); backward: reduce-scatter."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+        ctx.group = group
+        return _all_gather_dim(x, 1, group)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _reduce_scatter_dim(grad, 1, ctx.group), None
+
+
+class _ReduceScatterSeq(torch.autograd.Function):
+    """forward: reduce-scatter of partial sums along the sequence (B, T, D) -> (B, T/t, D);
+    backward: all-gather."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+        ctx.group = group
+        return _reduce_scatter_dim(x, 1, group)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _all_gather_dim(grad, 1, ctx.group), None
+
+
+class _ScatterSeq(torch.autograd.Function):
+    """forward: this rank's chunk of the sequence (B, T, D) -> (B, T/t, D); backward: all-gather."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+        ctx.group = group
+        t, rank = dist.get_world_size(group), dist.get_rank(group)
+        return x.chunk(t, 1)[rank].contiguous()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _all_gather_dim(grad, 1, ctx.group), None
+
+
+class _GatherVocab(torch.autograd.Function):
+    """forward: all-gather along the last dim (..., V/t) -> (..., V); backward: this rank's chunk.
+
+    Every rank then holds the same logits, so each one's gradient is already the whole gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+        ctx.rank, ctx.local = dist.get_rank(group), x.shape[-1]
+        return _all_gather_dim(x, x.dim() - 1, group)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad.narrow(-1, ctx.rank * ctx.local, ctx.local), None
+
+
+def gather_seq(x: torch.Tensor, tp: TPGroup) -> torch.Tensor:
+    return x if tp.size == 1 else _GatherSeq.apply(x, tp.group)
+
+
+def scatter_seq(x: torch.Tensor, tp: TPGroup) -> torch.Tensor:
+    return x if tp.size == 1 else _ScatterSeq.apply(x, tp.group)
+
+
+def reduce_scatter_seq(x: torch.Tensor, tp: TPGroup) -> torch.Tensor:
+    return x if tp.size == 1 else _ReduceScatterSeq.apply(x, tp.group)
+
+
+def gather_vocab(x: torch.Tensor, tp: TPGroup) -> torch.Tensor:
+    return x if tp.size == 1 else _GatherVocab.apply(x, tp.group)
 
 
 def copy_to_tp(x: torch.Tensor, tp: TPGroup) -> torch.Tensor:

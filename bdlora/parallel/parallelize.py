@@ -22,8 +22,10 @@ from bdlora.parallel.comm import TPGroup
 from bdlora.parallel.data_parallel import GradientAverager, skip_grad_sync
 from bdlora.parallel.mesh import check_in, on_all_ranks
 from bdlora.parallel.placement import BlockSpec, TPBlock, format_blocks
+from bdlora.parallel.sequence import SequenceParallel, apply_sequence_parallel_, decoder_parts
 from bdlora.parallel.sharding import check_model_tp, shard_tp_
 from bdlora.parallel.styles import BDLoraTP, sharding_class
+from bdlora.parallel.vocab import VocabShard, check_vocab_parallel, shard_vocab_
 from bdlora.plan import Plan
 from bdlora.state import state_of
 
@@ -46,6 +48,16 @@ class ParallelState:
     dp_size: int = 1
     activation_checkpointing: bool = False
     grads: GradientAverager | None = None
+    vocab: VocabShard | None = None
+    sequence: SequenceParallel | None = None
+
+    @property
+    def vocab_parallel(self) -> bool:
+        return self.vocab is not None
+
+    @property
+    def sequence_parallel(self) -> bool:
+        return self.sequence is not None
 
     @property
     def sharding(self) -> str:
@@ -80,6 +92,8 @@ def parallelize(
     mesh: DeviceMesh | None = None,
     *,
     sharding: str = "bdlora",
+    vocab_parallel: bool = False,
+    sequence_parallel: bool = False,
     activation_checkpointing: bool = False,
     data_parallel: bool = True,
 ) -> nn.Module:
@@ -88,6 +102,10 @@ def parallelize(
     1. TP over ``mesh["tp"]``: each linear layer in the model config's ``base_model_tp_plan`` keeps
        its shard of the base weight and of every adapter already added (adapters added later are
        created sharded); f and g run where the plan places them (``bdlora plan --tp`` shows it).
+       ``vocab_parallel``: the embedding and LM head keep ``ceil(V/t)`` rows each, and calls with
+       labels compute a vocabulary-parallel loss (``bdlora.parallel.vocab``).
+       ``sequence_parallel`` (needs ``vocab_parallel``): activations between blocks are split along
+       the sequence, f and g become all-gather and reduce-scatter (``bdlora.parallel.sequence``).
     2. Activation checkpointing of every decoder layer (transformers' non-reentrant checkpointing).
     3. DP over ``mesh["dp"]``: trainable gradients are averaged in backward; wrap all but the last
        micro-batch of an accumulation step in ``bdlora.no_sync(model)``.
@@ -105,6 +123,7 @@ def parallelize(
         raise ValueError("the model is already parallelized; build a fresh model to change its layout")
     tp_size = _tp_size(mesh)
     blocks = check_model_tp(model, tp_size, cls) if tp_size > 1 else []
+    _check_vocab_sequence(model, cls, vocab_parallel, sequence_parallel)
     if activation_checkpointing and not hasattr(model, "gradient_checkpointing_enable"):
         raise ValueError(
             f"activation_checkpointing=True needs a transformers model; {type(model).__name__} has no "
@@ -113,6 +132,12 @@ def parallelize(
     tp, dp_group, dp_rank, dp_size = _mesh_groups(mesh)
     parallel = ParallelState(mesh, tp, cls, dp_group=dp_group, dp_rank=dp_rank, dp_size=dp_size)
     parallel.blocks = shard_tp_(model, tp, cls, blocks) if blocks else []
+    if vocab_parallel and tp.size > 1:
+        parallel.vocab = shard_vocab_(model, tp, defer_reduce=sequence_parallel)
+    if sequence_parallel and tp.size > 1:
+        parallel.sequence = apply_sequence_parallel_(model, tp, [b.spec.name for b in parallel.blocks])
+        for block in parallel.blocks:
+            block.sequence = parallel.sequence
     if activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         parallel.activation_checkpointing = True
@@ -120,6 +145,21 @@ def parallelize(
         parallel.grads = GradientAverager(model, dp_group)
     state_of(model, create=True).parallel = parallel
     return model
+
+
+def _check_vocab_sequence(model: nn.Module, cls: type[BDLoraTP], vocab: bool, sequence: bool) -> None:
+    if vocab:
+        check_vocab_parallel(model)
+    if not sequence:
+        return
+    if not vocab:
+        raise ValueError(
+            "sequence_parallel=True needs vocab_parallel=True: the sequence is gathered again only for "
+            "a vocabulary-parallel LM head"
+        )
+    if cls is not BDLoraTP:
+        raise ValueError(f"sequence_parallel=True supports sharding='bdlora', not {cls.name!r}")
+    decoder_parts(model)
 
 
 def _dim_names(mesh: DeviceMesh) -> tuple[str, ...]:

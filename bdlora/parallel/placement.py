@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from bdlora.config import BDLoraConfigError
-from bdlora.parallel.comm import TPGroup, copy_to_tp
+from bdlora.parallel.comm import TPGroup, copy_to_tp, reduce_from_tp
 from bdlora.roles import Role
 
 
@@ -125,6 +126,7 @@ class TPBlock:
 
     spec: BlockSpec
     tp: TPGroup
+    sequence: Any = None  # a sequence.SequenceParallel: f and g become all-gather / reduce-scatter
     _input: torch.Tensor | None = field(default=None, repr=False)
     _output: torch.Tensor | None = field(default=None, repr=False)
     _seen: set[str] = field(default_factory=set, repr=False)
@@ -132,7 +134,7 @@ class TPBlock:
     def enter(self, layer_name: str, x: torch.Tensor) -> torch.Tensor:
         """``f(x)`` for column layer ``layer_name``; the same tensor for the whole pass."""
         if self._input is None or layer_name in self._seen:
-            self._input, self._output, self._seen = x, copy_to_tp(x, self.tp), set()
+            self._input, self._output, self._seen = x, self._f(x), set()
         elif x is not self._input:
             first = next(iter(self._seen))
             raise TPPlacementError(
@@ -143,6 +145,20 @@ class TPBlock:
             )
         self._seen.add(layer_name)
         return self._output
+
+    def exit(self, partial: torch.Tensor) -> torch.Tensor:
+        """``g(partial)`` for the row layer, which closes the pass; with the sequence split, the
+        partial itself (the block module's output is reduce-scattered by ``SequenceParallel``)."""
+        out = partial if self.split() else reduce_from_tp(partial, self.tp)
+        self.close()
+        return out
+
+    def split(self) -> bool:
+        """Whether this pass runs sequence-parallel: the block's input arrives all-gathered."""
+        return self.sequence is not None and self.sequence.active
+
+    def _f(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.split() else copy_to_tp(x, self.tp)
 
     def close(self) -> None:
         self._input = self._output = None

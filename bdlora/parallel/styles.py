@@ -98,9 +98,10 @@ class BDLoraTP:
     def forward(self, layer: BDLoraLinear, x: torch.Tensor) -> torch.Tensor:
         if layer.role is Role.COLUMN:
             return layer.add_bias(layer.partial_forward(self.block.enter(self.layer_name, x)))
-        out = reduce_from_tp(layer.partial_forward(x), self.tp)  # g: once, adapter partial included
-        self.block.close()
-        return layer.add_bias(out)
+        if self.block.split():  # the partial sum leaves the block to be reduce-scattered
+            partial = self.block.exit(layer.partial_forward(x))
+            return layer.add_bias(partial) if self.tp.rank == 0 else partial  # bias once in the sum
+        return layer.add_bias(self.block.exit(layer.partial_forward(x)))  # g: adapter partial included
 
     def __repr__(self) -> str:
         return f"{self.name}:{self.tp.rank}/{self.tp.size}"
