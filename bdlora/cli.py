@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 
 from bdlora.config import BDLoraConfig, BDLoraConfigError
-from bdlora.plan import resolve_plan
+from bdlora.memory import DTYPES, describe, memory_plans
+from bdlora.plan import Plan, resolve_plan
 from bdlora.presets import PRESETS, build_model
 from bdlora.train.checkpoint import CheckpointDamaged
 from bdlora.train.export import ExportError
@@ -66,6 +67,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         )
     if args.tp < 1:
         raise BDLoraConfigError(f"--tp {args.tp}: the TP degree must be a positive integer")
+    _check_memory_options(args)
     plan = resolve_plan(model, config)
     blocks = None
     if args.tp > 1:
@@ -74,12 +76,62 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
         blocks = check_model_tp(model, args.tp)
         check_plan_tp(plan, args.tp)
+    if args.memory:
+        return _print_memory(args, model, plan)
     print(plan.format(tp=args.tp))
     if blocks:
         from bdlora.parallel.placement import format_blocks  # noqa: PLC0415
 
         print(format_blocks(blocks, args.tp))
     return 0
+
+
+_MEMORY_DEFAULTS = {"seq_len": 4096, "micro_batch": 1, "dtype": "bfloat16"}
+
+
+def _check_memory_options(args: argparse.Namespace) -> None:
+    """The --memory options: only with --memory, and a sequence that splits over --tp (the table's
+    sequence-parallel column needs it)."""
+    given = [k for k in (*_MEMORY_DEFAULTS, "activation_checkpointing") if getattr(args, k)]
+    if not args.memory:
+        if given:
+            options = ", ".join("--" + k.replace("_", "-") for k in given)
+            raise BDLoraConfigError(f"{options}: these options plan memory; add --memory")
+        return
+    for key, default in _MEMORY_DEFAULTS.items():
+        setattr(args, key, getattr(args, key) or default)
+    if args.seq_len % args.tp:
+        raise BDLoraConfigError(
+            f"--seq-len {args.seq_len} is not divisible by --tp {args.tp}: sequence parallelism (the last "
+            f"column) splits the sequence over the TP ranks; use a multiple of {args.tp}"
+        )
+
+
+def _print_memory(args: argparse.Namespace, model, plan: Plan) -> int:
+    plans = memory_plans(
+        model,
+        plan,
+        args.tp,
+        seq_len=args.seq_len,
+        micro_batch=args.micro_batch,
+        dtype=args.dtype,
+        activation_checkpointing=args.activation_checkpointing,
+    )
+    print(
+        f"{args.model}: {len(plan.modules)} adapted modules, {plan.params // args.tp:,} adapter params/rank"
+    )
+    print(describe(plans))
+    return 0
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -124,6 +176,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     plan.add_argument("--config", help="BD-LoRA YAML config, or a PEFT adapter dir / adapter_config.json")
     plan.add_argument("--tp", type=int, default=1, help="show parameters per rank at this TP degree")
+    plan.add_argument("--memory", action="store_true", help="print per-rank training memory instead")
+    plan.add_argument(
+        "--seq-len",
+        type=_positive_int,
+        help=f"tokens per sequence (--memory; default {_MEMORY_DEFAULTS['seq_len']})",
+    )
+    plan.add_argument(
+        "--micro-batch", type=_positive_int, help="sequences per micro-batch (--memory; default 1)"
+    )
+    plan.add_argument(
+        "--dtype",
+        choices=list(DTYPES),
+        help="parameter and compute dtype (--memory; default bfloat16)",
+    )
+    plan.add_argument(
+        "--activation-checkpointing", action="store_true", help="checkpoint every decoder layer (--memory)"
+    )
     plan.add_argument(
         "overrides",
         nargs="*",

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from transformers import AutoModelForCausalLM
 
 from bdlora import BDLoraConfig, BDLoraConfigError, apply_bdlora, load_adapter, save_adapter
 from bdlora.model import adapter_parameters
@@ -15,7 +16,7 @@ from bdlora.parallel.checkpoint import load_sharded_adapter, save_sharded_adapte
 from bdlora.parallel.loading import from_pretrained
 from bdlora.parallel.mesh import ParallelDims, build_mesh, on_all_ranks
 from bdlora.parallel.sharding import check_model_tp, tp_linears
-from bdlora.presets import build_model
+from bdlora.presets import build_model, preset_config
 from tests.conftest import randomize_lora_b, tiny_model
 from tests.distributed import run_distributed
 
@@ -79,15 +80,19 @@ class CountingFile:
         return tensor
 
 
-def load_sharded(model_dir: str, adapter_dir: str, tp: int) -> dict:
+def load_sharded(model_dir: str, adapter_dir: str | None, tp: int, **layout) -> dict:
     from bdlora.parallel import loading
 
     requested: dict[str, int] = {}
     real_open = loading.safe_open
     loading.safe_open = lambda path, framework: CountingFile(real_open(path, framework=framework), requested)
-    model = from_pretrained(model_dir, adapter_dir=adapter_dir, mesh=mesh_for(tp)).eval()
+    model = from_pretrained(model_dir, adapter_dir=adapter_dir, mesh=mesh_for(tp), **layout).eval()
     with torch.no_grad():
-        return {"logits": model(input_ids=IDS).logits, "requested": requested}
+        return {"logits": model(input_ids=IDS % model.config.vocab_size).logits, "requested": requested}
+
+
+def load_vocab_parallel(model_dir: str) -> dict:
+    return load_sharded(model_dir, None, dist.get_world_size(), vocab_parallel=True, sequence_parallel=True)
 
 
 def train_and_save_sharded(model_dir: str, ckpt_dir: str, tp: int) -> torch.Tensor:
@@ -129,6 +134,23 @@ def test_from_pretrained_reads_only_local_slices(model_dir, adapter_dir):
         # every TP-planned projection: exactly half of it; everything else (embedding, norms): whole
         assert res["requested"] == {k: v // 2 if k in sharded else v for k, v in stored.items()}
         assert sum(res["requested"].values()) < sum(stored.values())
+
+
+@pytest.mark.slow
+def test_vocab_parallel_loading_reads_only_its_rows(tmp_path):
+    """A tied model whose vocabulary (250) TP 4 does not divide: rows 63 per rank, 61 on the last."""
+    config = preset_config("tiny-llama")
+    config.vocab_size, config.tie_word_embeddings = 250, True
+    torch.manual_seed(4)
+    reference = AutoModelForCausalLM.from_config(config).eval()
+    reference.save_pretrained(tmp_path)
+    with torch.no_grad():
+        expected = reference(input_ids=IDS % 250).logits
+    row_bytes = 4 * config.hidden_size
+    for rank, res in enumerate(run_distributed(load_vocab_parallel, 4, str(tmp_path))):
+        torch.testing.assert_close(res["logits"], expected, atol=1e-5, rtol=1e-5)
+        assert res["requested"]["model.embed_tokens.weight"] == (61 if rank == 3 else 63) * row_bytes
+        assert "lm_head.weight" not in res["requested"]  # tied: never stored, never read
 
 
 @pytest.mark.slow

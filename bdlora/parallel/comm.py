@@ -91,7 +91,8 @@ def _all_gather_dim(x: torch.Tensor, dim: int, group: dist.ProcessGroup) -> torc
     x_front = x.movedim(dim, 0).contiguous()  # (k, ...)
     out = x_front.new_empty((t * x_front.shape[0], *x_front.shape[1:]))  # (t*k, ...)
     dist.all_gather_single(out, x_front, group=group)
-    return out.movedim(0, dim)
+    # contiguous: layers that reshape it would each keep a copy of a strided view for backward
+    return out.movedim(0, dim).contiguous()
 
 
 def _reduce_scatter_dim(x: torch.Tensor, dim: int, group: dist.ProcessGroup) -> torch.Tensor:
@@ -100,7 +101,7 @@ def _reduce_scatter_dim(x: torch.Tensor, dim: int, group: dist.ProcessGroup) -> 
     x_front = x.movedim(dim, 0).contiguous()  # (t*k, ...)
     out = x_front.new_empty((x_front.shape[0] // t, *x_front.shape[1:]))  # (k, ...)
     dist.reduce_scatter_single(out, x_front, group=group)
-    return out.movedim(0, dim)
+    return out.movedim(0, dim).contiguous()
 
 
 class _GatherSeq(torch.autograd.Function):

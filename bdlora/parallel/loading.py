@@ -19,6 +19,7 @@ from bdlora.layers import BDLoraLinear
 from bdlora.model import apply_bdlora
 from bdlora.parallel.mesh import on_all_ranks
 from bdlora.parallel.parallelize import parallelize
+from bdlora.parallel.vocab import VocabParallelEmbedding, VocabParallelLMHead, VocabShard
 from bdlora.state import state_of
 
 
@@ -29,6 +30,8 @@ def from_pretrained(
     mesh: DeviceMesh | None = None,
     dtype: torch.dtype = torch.float32,
     sharding: str = "bdlora",
+    vocab_parallel: bool = False,
+    sequence_parallel: bool = False,
     adapter_dir: str | Path | None = None,
     activation_checkpointing: bool = False,
     data_parallel: bool = True,
@@ -38,15 +41,20 @@ def from_pretrained(
     """A causal LM from a local Hugging Face directory (safetensors), parallelized over ``mesh``.
 
     The model is built on the meta device, ``bdlora.parallelize``d (``sharding``,
-    ``activation_checkpointing``), allocated at its local size, and each rank reads only its own
-    slices of the checkpoint. ``adapter_config`` adds a fresh adapter, seeded by ``seed`` so every
+    ``vocab_parallel``, ``sequence_parallel``, ``activation_checkpointing``), allocated at its
+    local size, and each rank reads only its own slices of the checkpoint (with ``vocab_parallel``,
+    only its rows of the embedding and LM head). ``adapter_config`` adds a fresh adapter, seeded by ``seed`` so every
     TP degree draws the same factors; ``adapter_dir`` loads a PEFT-format adapter instead. Every
     check (paths, TP degree, the adapter's patterns) runs before any weight is read.
 
     Every rank must call it (with ``mesh=None``: one process).
     """
     layout = dict(
-        sharding=sharding, activation_checkpointing=activation_checkpointing, data_parallel=data_parallel
+        sharding=sharding,
+        vocab_parallel=vocab_parallel,
+        sequence_parallel=sequence_parallel,
+        activation_checkpointing=activation_checkpointing,
+        data_parallel=data_parallel,
     )
     model = on_all_ranks(_build_meta, Path(model_dir), adapter_config, adapter_dir, mesh, dtype, layout)
     model.to_empty(device=device)
@@ -124,8 +132,11 @@ def _load_base(model: nn.Module, model_dir: Path, dtype: torch.dtype) -> None:
             continue
         owner_name, _, p_name = key.rpartition(".")
         owner = model.get_submodule(owner_name)
-        dim = _shard_dim(owner, p_name)
         with safe_open(str(where[key]), framework="pt") as handle:
+            if isinstance(owner, (VocabParallelEmbedding, VocabParallelLMHead)):
+                _read_vocab_rows(handle, key, owner.shard, tensor)
+                continue
+            dim = _shard_dim(owner, p_name)
             tensor.data.copy_(_read_slice(handle, key, dim, _tp_of(owner)).to(dtype))
     if missing:
         raise KeyError(f"{model_dir}: checkpoint lacks {len(missing)} weights, e.g. {missing[:3]}")
@@ -149,6 +160,13 @@ def _read_slice(handle, key: str, dim: int | None, tp: tuple[int, int]) -> torch
     size = view.get_shape()[dim] // world
     start = rank * size
     return view[start : start + size] if dim == 0 else view[:, start : start + size]
+
+
+def _read_vocab_rows(handle, key: str, shard: VocabShard, tensor: torch.Tensor) -> None:
+    """This rank's vocabulary rows; the padding rows past the vocabulary stay zero."""
+    tensor.data.zero_()
+    rows = handle.get_slice(key)[shard.start : shard.start + shard.real_rows]
+    tensor.data[: shard.real_rows].copy_(rows.to(tensor.dtype))
 
 
 def _reset_non_persistent_buffers(model: nn.Module, device) -> None:
