@@ -44,8 +44,9 @@ def from_pretrained(
     ``vocab_parallel``, ``sequence_parallel``, ``activation_checkpointing``), allocated at its
     local size, and each rank reads only its own slices of the checkpoint (with ``vocab_parallel``,
     only its rows of the embedding and LM head). ``adapter_config`` adds a fresh adapter, seeded
-    by ``seed`` so every TP degree draws the same factors; ``adapter_dir`` loads a PEFT-format adapter instead. Every
-    check (paths, TP degree, the adapter's patterns) runs before any weight is read.
+    by ``seed`` so every TP degree draws the same factors; ``adapter_dir`` loads a PEFT-format
+    adapter instead. Every check (paths, TP degree, the adapter's patterns) runs before any weight
+    is read.
 
     Every rank must call it (with ``mesh=None``: one process).
     """
