@@ -460,7 +460,8 @@ def trained(nproc: int, tmp_path: Path, name: str, *overrides: str) -> tuple[dic
 @pytest.mark.slow
 def test_grad_accum_and_dp2_x_tp2_equal_the_larger_batch(tmp_path):
     """8 rows per step, split four ways: one batch (TP 1, one process, the reference), two
-    accumulated micro-batches, DP 2 (rank 0 alone exports), and DP 2 x TP 2 on four ranks.
+    accumulated micro-batches, DP 2 (rank 0 alone exports), and DP 2 x TP 2 on four ranks; and the
+    whole batch at TP 2 with vocabulary and sequence parallelism.
     The loss weighs every target token the same (prompt tokens are masked, so micro-batches
     hold different counts of them)."""
     losses, adapter = trained(1, tmp_path, "batch8", "parallel.tp=1", "data.micro_batch_size=8")
@@ -470,6 +471,15 @@ def test_grad_accum_and_dp2_x_tp2_equal_the_larger_batch(tmp_path):
         ),
         "dp2": trained(2, tmp_path, "dp2", "parallel.tp=1", "data.micro_batch_size=4"),
         "dp2xtp2": trained(4, tmp_path, "dp2xtp2", "parallel.tp=2", "data.micro_batch_size=4"),
+        "tp2-vocab-sequence": trained(
+            2,
+            tmp_path,
+            "tp2-vocab-sequence",
+            "parallel.tp=2",
+            "data.micro_batch_size=8",
+            "parallel.vocab_parallel=true",
+            "parallel.sequence_parallel=true",
+        ),
     }
     for name, (got_losses, got_adapter) in runs.items():
         assert got_losses.keys() == losses.keys() == {1, 2, 3, 4}

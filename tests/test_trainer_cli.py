@@ -46,6 +46,29 @@ def test_out_of_range_settings_name_the_key(key, value, message):
         check_ranges(cfg)
 
 
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (dict(sequence_parallel=True), "parallel.sequence_parallel=true needs parallel.vocab_parallel=true"),
+        (
+            dict(sequence_parallel=True, vocab_parallel=True, sharding="slora"),
+            "supports parallel.sharding=bdlora, not slora",
+        ),
+        (
+            dict(sequence_parallel=True, vocab_parallel=True, tp=4),
+            "data.seq_len=126 is not divisible by parallel.tp=4; use a multiple of 4",
+        ),
+    ],
+)
+def test_sequence_parallel_settings_are_checked_first(settings, message):
+    cfg = TrainConfig()
+    cfg.data.seq_len = 126
+    for key, value in settings.items():
+        setattr(cfg.parallel, key, value)
+    with pytest.raises(TrainConfigError, match=message):
+        check_ranges(cfg)
+
+
 def test_adapter_schema_has_the_fields_and_defaults_of_bdlora_config():
     from dataclasses import fields
 

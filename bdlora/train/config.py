@@ -99,6 +99,8 @@ class ParallelConfig:
     sharding: Sharding = Sharding.bdlora  # or slora: the dense-LoRA baseline
     engine: Engine = Engine.native
     activation_checkpointing: bool = False
+    vocab_parallel: bool = False  # embedding, LM head and loss sharded along the vocabulary
+    sequence_parallel: bool = False  # activations between blocks split along T (needs vocab_parallel)
 
 
 @dataclass
@@ -230,6 +232,27 @@ def check_ranges(cfg: TrainConfig) -> None:
         raise TrainConfigError(f"optim.min_lr_ratio={optim.min_lr_ratio}: must lie in [0, 1]")
     if len(optim.betas) != 2 or not all(0 <= b < 1 for b in optim.betas):
         raise TrainConfigError(f"optim.betas={list(optim.betas)}: give two values in [0, 1)")
+    check_layout(cfg.parallel, cfg.data.seq_len)
+
+
+def check_layout(parallel: ParallelConfig, seq_len: int | None) -> None:
+    """Sequence parallelism's requirements, checked before anything is built."""
+    if not parallel.sequence_parallel:
+        return
+    if not parallel.vocab_parallel:
+        raise TrainConfigError(
+            "parallel.sequence_parallel=true needs parallel.vocab_parallel=true (the sequence is gathered "
+            "again for the vocabulary-parallel LM head)"
+        )
+    if parallel.sharding != "bdlora":
+        raise TrainConfigError(
+            f"parallel.sequence_parallel=true supports parallel.sharding=bdlora, not {parallel.sharding}"
+        )
+    if seq_len is not None and seq_len % parallel.tp:
+        raise TrainConfigError(
+            f"parallel.sequence_parallel=true: data.seq_len={seq_len} is not divisible by parallel.tp="
+            f"{parallel.tp}; use a multiple of {parallel.tp}"
+        )
 
 
 def load_train_config(cfg: Any) -> TrainConfig:

@@ -13,7 +13,7 @@ from bdlora.model import apply_bdlora
 from bdlora.parallel import from_pretrained, parallelize
 from bdlora.presets import build_model as build_preset
 from bdlora.presets import preset_config
-from bdlora.train.config import ModelConfig
+from bdlora.train.config import ModelConfig, ParallelConfig
 from bdlora.train.context import RunContext
 from bdlora.train.data import Tokenizer, build_tokenizer
 
@@ -83,34 +83,37 @@ def tokenizer_for(cfg: ModelConfig, model_dir: Path | None) -> Tokenizer:
     return build_tokenizer(None if model_dir is None else str(model_dir))
 
 
+def parallel_layout(parallel: ParallelConfig) -> dict:
+    """The ``bdlora.parallelize`` options the trainer's ``parallel.*`` settings choose."""
+    return dict(
+        sharding=parallel.sharding,
+        vocab_parallel=parallel.vocab_parallel,
+        sequence_parallel=parallel.sequence_parallel,
+        activation_checkpointing=parallel.activation_checkpointing,
+    )
+
+
 def build_model(
     cfg: ModelConfig,
     adapter: BDLoraConfig,
     ctx: RunContext,
     model_dir: Path | None,
-    sharding: str = "bdlora",
-    activation_checkpointing: bool = False,
+    layout: dict | None = None,
     data_parallel: bool = True,
 ) -> nn.Module:
     """The parallelized base model with a fresh adapter, seeded so every TP degree draws the same one.
 
-    ``data_parallel=False``: DP gradient averaging is left to another engine (DeepSpeed).
+    ``layout``: ``parallelize`` options (``parallel_layout``); ``data_parallel=False``: DP gradient
+    averaging is left to another engine (DeepSpeed).
     """
     dtype = getattr(torch, cfg.dtype)
-    layout = dict(sharding=sharding, activation_checkpointing=activation_checkpointing)
+    layout = {**(layout or {}), "data_parallel": data_parallel}
     if model_dir is not None:
         return from_pretrained(
-            model_dir,
-            adapter,
-            mesh=ctx.mesh,
-            dtype=dtype,
-            device=ctx.device,
-            seed=cfg.seed,
-            data_parallel=data_parallel,
-            **layout,
+            model_dir, adapter, mesh=ctx.mesh, dtype=dtype, device=ctx.device, seed=cfg.seed, **layout
         )
     model = build_preset(cfg.name, seed=cfg.seed).to(dtype=dtype, device=ctx.device)
-    parallelize(model, ctx.mesh, data_parallel=data_parallel, **layout)
+    parallelize(model, ctx.mesh, **layout)
     torch.manual_seed(cfg.seed)
     apply_bdlora(model, adapter)
     return model

@@ -17,12 +17,12 @@ from bdlora.plan import Plan
 from bdlora.state import state_of
 from bdlora.train import deepspeed_engine as ds
 from bdlora.train.checkpoint import Checkpointer
-from bdlora.train.config import CheckpointConfig, TrainConfig, TrainConfigError, plain
+from bdlora.train.config import CheckpointConfig, TrainConfig, TrainConfigError, check_layout, plain
 from bdlora.train.context import RunContext, build_context
 from bdlora.train.data import build_loaders, fit_seq_len
 from bdlora.train.loop import StepResult, Trainer, build_optimizer, build_scheduler
 from bdlora.train.metrics import MetricsLogger, peak_memory_mb
-from bdlora.train.modeling import build_model, hf_config, resolve_model_dir, tokenizer_for
+from bdlora.train.modeling import build_model, hf_config, parallel_layout, resolve_model_dir, tokenizer_for
 from bdlora.train.preemption import StoppedBySignal, StopRequests
 
 
@@ -49,6 +49,7 @@ def run(
     tokenizer = tokenizer_for(cfg.model, model_dir)
     model_config = hf_config(cfg.model, model_dir)
     cfg.data.seq_len = fit_seq_len(cfg.data.seq_len, model_config, ctx.print0)
+    check_layout(cfg.parallel, cfg.data.seq_len)  # the length fit_seq_len chose must split over TP
     train_loader, eval_loader = on_all_ranks(
         build_loaders,
         cfg.data,
@@ -136,8 +137,7 @@ def _build_training(cfg: TrainConfig, adapter, ctx: RunContext, model_dir, ds_co
         adapter,
         ctx,
         model_dir,
-        cfg.parallel.sharding,
-        cfg.parallel.activation_checkpointing,
+        parallel_layout(cfg.parallel),
         data_parallel=not deepspeed,  # DeepSpeed averages over DP itself
     )
     optimizer = build_optimizer(model, cfg.optim)
