@@ -12,9 +12,14 @@ block's input and the three backward graphs issue the same base collectives (as 
    the three modes interleave within each repetition, in an order that rotates, after a barrier;
    a step's time is the slowest rank's, and the table reports the median.
 
+``--layout vocab`` shards the embedding, LM head and loss along the vocabulary in every mode;
+``--layout sequence`` adds sequence parallelism (base and BD-LoRA only: S-LoRA's row layers need
+the whole sequence's rank-r partial sums, so bdlora refuses that combination).
+
     torchrun --nproc-per-node 2 scripts/bench_tp.py               # defaults: < 2 min on 2 cores
     torchrun --nproc-per-node 4 scripts/bench_tp.py --rank 32
     python scripts/bench_tp.py --tp 2                             # launches torchrun itself
+    python scripts/bench_tp.py --tp 4 --layout sequence
 """
 
 from __future__ import annotations
@@ -71,6 +76,15 @@ class BenchArgs:
     steps: int
     warmup: int
     seed: int
+    layout: str = "replicated"
+
+    @property
+    def modes(self) -> tuple[str, ...]:
+        return MODES if self.layout != "sequence" else ("base", "bdlora")
+
+    @property
+    def parallel_options(self) -> dict[str, bool]:
+        return {"vocab_parallel": self.layout != "replicated", "sequence_parallel": self.layout == "sequence"}
 
 
 def parse_args(argv: list[str] | None = None) -> BenchArgs:
@@ -87,6 +101,12 @@ def parse_args(argv: list[str] | None = None) -> BenchArgs:
     p.add_argument("--steps", type=int, default=20, help="timed repetitions (one step per mode each)")
     p.add_argument("--warmup", type=int, default=3, help="untimed repetitions")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--layout",
+        choices=("replicated", "vocab", "sequence"),
+        default="replicated",
+        help="vocab: vocabulary-parallel embedding, LM head and loss; sequence: and sequence parallelism",
+    )
     return BenchArgs(**vars(p.parse_args(argv)))
 
 
@@ -125,14 +145,14 @@ def build_model(args: BenchArgs, mode: str, mesh: DeviceMesh) -> nn.Module:
     )
     torch.manual_seed(args.seed)
     model = LlamaForCausalLM(config).train()
-    parallelize(model, mesh, sharding="slora" if mode == "slora" else "bdlora")
+    parallelize(model, mesh, sharding="slora" if mode == "slora" else "bdlora", **args.parallel_options)
     if mode != "base":
         apply_bdlora(model, BDLoraConfig(rank=args.rank, alpha=2 * args.rank, nblocks=mesh.size()))
     model.requires_grad_(False)  # the base is frozen in every mode (apply_bdlora freezes it too) ...
     if mode != "base":
         for factor in adapter_factors(model):
             factor.requires_grad_(True)
-    model.model.embed_tokens.weight.requires_grad_(True)  # ... but backward reaches every block's input
+    model.get_input_embeddings().weight.requires_grad_(True)  # ... but backward reaches every block
     return model
 
 
@@ -197,12 +217,12 @@ def fmt_mib(n: float) -> str:
     return f"{n / MiB:.3f} MiB"
 
 
-def print_table(comm: dict, medians: dict[str, float]) -> None:
+def print_table(comm: dict, medians: dict[str, float], modes: tuple[str, ...]) -> None:
     """One row per mode; counts, bytes and wire bytes as forward / forward+backward of one step."""
     base = comm["base"]["total"]
     print0("| " + " | ".join(COLUMNS) + " |")
     print0("|" + "---|" * len(COLUMNS))
-    for mode in MODES:
+    for mode in modes:
         fwd, tot = comm[mode]["forward"], comm[mode]["total"]
         ops = ", ".join(f"{op} {n}" for op, n in sorted(tot["ops"].items()))
         added = f"+{tot['count'] - base['count']} coll, +{fmt_mib(tot['bytes'] - base['bytes'])}"
@@ -245,7 +265,7 @@ def linear_flops(model: nn.Module) -> tuple[float, float]:
 
 
 def print_ratios(times: dict[str, list[float]], medians: dict[str, float], flop_share: float) -> None:
-    for other in ("base", "slora"):
+    for other in (m for m in ("base", "slora") if m in times):
         paired = statistics.median(a / b for a, b in zip(times["bdlora"], times[other]))
         label = f"step time BD-LoRA / {LABELS[other]}:"
         print0(
@@ -270,29 +290,30 @@ def run(args: BenchArgs) -> None:
         f"torch {torch.__version__}, gloo, CPU, {world} ranks x 1 thread, fp32; llama hidden={args.hidden} "
         f"intermediate={args.intermediate} layers={args.layers} heads={args.heads} vocab={args.vocab}; "
         f"batch={args.batch} seq={args.seq}; rank={args.rank} alpha={2 * args.rank} nblocks={world}; "
-        f"steps={args.steps} warmup={args.warmup}"
+        f"steps={args.steps} warmup={args.warmup}; layout={args.layout}"
     )
-    models = {mode: build_model(args, mode, mesh) for mode in MODES}
+    modes = args.modes
+    models = {mode: build_model(args, mode, mesh) for mode in modes}
     generator = torch.Generator().manual_seed(args.seed + 1)
     tokens = torch.randint(args.vocab, (args.batch, args.seq), generator=generator)  # (B, T), every rank
-    comm = {mode: count_step(models[mode], tokens, tp.group) for mode in MODES}
+    comm = {mode: count_step(models[mode], tokens, tp.group) for mode in modes}
     all_comm = gather(comm)
     if any(c != all_comm[0] for c in all_comm):
         raise RuntimeError(f"ranks counted different collectives: {all_comm}")
-    params = {mode: sum(p.numel() for p in adapter_factors(models[mode])) for mode in ("bdlora", "slora")}
+    params = {mode: sum(p.numel() for p in adapter_factors(models[mode])) for mode in modes if mode != "base"}
     print0(
         f"collective counts identical on all {world} ranks; adapter params on rank 0: "
         + ", ".join(f"{LABELS[m]} {n:,}" for m, n in params.items())
     )
-    extra = slora_extra_bytes(adapters_of(models["slora"])["default"].plan, args.batch * args.seq, world)
-    steps = {mode: make_step(models[mode], tokens) for mode in MODES}
+    steps = {mode: make_step(models[mode], tokens) for mode in modes}
     slowest = time_slowest(steps, args)
-    print_table(comm, {mode: statistics.median(slowest[mode]) for mode in MODES})
-    print_slora_check(comm, extra, args.batch * args.seq, world)
+    medians = {mode: statistics.median(slowest[mode]) for mode in modes}
+    print_table(comm, medians, modes)
+    if "slora" in modes:
+        extra = slora_extra_bytes(adapters_of(models["slora"])["default"].plan, args.batch * args.seq, world)
+        print_slora_check(comm, extra, args.batch * args.seq, world)
     base_flops, adapter_flops = linear_flops(models["bdlora"])
-    print_ratios(
-        slowest, {mode: statistics.median(slowest[mode]) for mode in MODES}, adapter_flops / base_flops
-    )
+    print_ratios(slowest, medians, adapter_flops / base_flops)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -22,6 +22,8 @@ from tests.test_tp import gathered_grads
 pytestmark = pytest.mark.slow
 
 LAYOUTS = {"vocab": dict(vocab_parallel=True), "sequence": dict(vocab_parallel=True, sequence_parallel=True)}
+# recomputation re-enters the first layer's sequence split and every block's gather in backward
+CHECKPOINTED = {"sequence-checkpointed": dict(**LAYOUTS["sequence"], activation_checkpointing=True)}
 # tiny-llama (untied, vocab 256) and a tied model whose vocabulary 250 no TP degree > 1 here divides
 MODELS = {"untied": dict(), "tied-odd-vocab": dict(vocab_size=250, tie_word_embeddings=True)}
 BATCH, SEQ = 4, 16
@@ -68,7 +70,8 @@ def reference_results(kind: str) -> dict:
 
 def sharded_results(kind: str, layout: str, out_dir: str) -> dict:
     tp = dist.get_world_size()
-    model = parallelize(reference_model(kind), build_mesh(ParallelDims(tp, tp=tp)), **LAYOUTS[layout])
+    layouts = {**LAYOUTS, **CHECKPOINTED}
+    model = parallelize(reference_model(kind), build_mesh(ParallelDims(tp, tp=tp)), **layouts[layout])
     ids, labels = batch(kind)
     res = step(model, ids, labels)
     res["grads"] = gathered_grads(model)
@@ -87,7 +90,7 @@ def all_sharded(out_dir: str) -> dict:
     return {
         (kind, layout): sharded_results(kind, layout, f"{out_dir}/{kind}-{layout}")
         for kind in MODELS
-        for layout in LAYOUTS
+        for layout in (*LAYOUTS, *CHECKPOINTED)
     }
 
 
