@@ -418,7 +418,9 @@ def _attention_terms(d: _Dims, dtype: torch.dtype, attention: str) -> list[Term]
 
 def _logits_terms(d: _Dims, dtype: torch.dtype, vocab_parallel: bool) -> list[Term]:
     """The frozen LM head saves nothing; the loss upcasts the logits and saves the fp32
-    log-softmax (replicated) or softmax (vocab parallel, this rank's ``ceil(V/t)`` columns)."""
+    log-softmax (replicated) or softmax (vocab parallel, this rank's ``ceil(V/t)`` columns). The
+    mean over target tokens saves its divisor: a fp32 total weight inside ``F.cross_entropy``
+    (replicated), the int64 count of targets that ``VocabParallelCausalLMLoss`` divides by."""
     tokens = d.batch * d.seq
     vocab = math.ceil(d.vocab / d.tp) if vocab_parallel else d.vocab
     terms = [Term("logits", "logits (LM head output)", (tokens, vocab), dtype, kind="transient")]
@@ -438,6 +440,7 @@ def _logits_terms(d: _Dims, dtype: torch.dtype, vocab_parallel: bool) -> list[Te
         Term("logits", "softmax", (tokens, vocab), FP32),
         Term("logits", "local targets", (tokens,), torch.int64),
         Term("logits", "target masks", (tokens,), torch.bool, count=2),
+        Term("logits", "loss divisor (target count)", (), torch.int64),
     ]
 
 

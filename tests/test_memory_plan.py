@@ -10,16 +10,19 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+import torch.distributed as dist
 from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from bdlora import BDLoraConfig, apply_bdlora
+from bdlora import BDLoraConfig, apply_bdlora, parallelize
 from bdlora.cli import main as cli_main
 from bdlora.config import BDLoraConfigError
-from bdlora.memory import memory_plan, memory_plans
+from bdlora.memory import LAYOUTS, memory_plan, memory_plans
 from bdlora.model import adapter_parameters
+from bdlora.parallel import ParallelDims, build_mesh
 from bdlora.plan import resolve_plan
 from bdlora.presets import build_model, preset_config
+from tests.distributed import run_distributed
 
 TOLERANCE = 0.05  # planned saved activations vs measured (docs/memory.md)
 BF16 = 2
@@ -90,9 +93,10 @@ def test_vocab_parallel_shrinks_the_logits_and_sequence_parallel_the_norms(llama
     plans = memory_plans(llama_8b, plan, 8, seq_len=4096, micro_batch=1, dtype="bfloat16")
     rep, vp, sp = plans.values()
     vocab, vocab_local, tokens = 128256, 16032, 4096
-    # logits bf16 + fp32 copy + fp32 (log-)softmax, then the small vectors
+    # logits bf16 + fp32 copy + fp32 (log-)softmax, the (N,) targets (and masks), and the loss's
+    # divisor: a fp32 total weight (replicated) or the int64 count of targets (vocab parallel)
     assert rep.activation_bytes("logits") == tokens * vocab * (2 + 4 + 4) + tokens * 8 + 4
-    assert vp.activation_bytes("logits") == tokens * vocab_local * (2 + 4 + 4) + tokens * (8 + 2)
+    assert vp.activation_bytes("logits") == tokens * vocab_local * (2 + 4 + 4) + tokens * (8 + 2) + 8
     assert vp.activation_bytes("layers") == rep.activation_bytes("layers")
     # 2 norms per layer, minus layer 0's input norm (the frozen embedding needs no gradient), + final
     norms = (2 * 32 - 1 + 1) * (tokens * 4096 + tokens) * 4
@@ -233,14 +237,19 @@ class Measured:
 
 
 def measure(config, adapter: BDLoraConfig, seq: int, dtype: torch.dtype, checkpointing: bool) -> Measured:
-    """One training step of a fresh model: forward and backward with labels, then AdamW."""
+    """One training step of a fresh model in one process."""
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).to(dtype).train()
     apply_bdlora(model, adapter)
     if checkpointing:
         model.activation_checkpointing_enable({"use_reentrant": False})
+    return measure_step(model, config.vocab_size, seq)
+
+
+def measure_step(model: nn.Module, vocab: int, seq: int) -> Measured:
+    """Forward (its saved tensors counted) and backward with labels on batch 2, then AdamW."""
     optimizer = torch.optim.AdamW(adapter_parameters(model), lr=1e-3)
-    tokens = torch.randint(config.vocab_size, (2, seq), generator=torch.Generator().manual_seed(1))
+    tokens = torch.randint(vocab, (2, seq), generator=torch.Generator().manual_seed(1))
     with SavedActivations(model) as saved:
         loss = model(input_ids=tokens, labels=tokens).loss
     loss.backward()
@@ -294,3 +303,68 @@ def test_plan_matches_one_measured_step(case):
         measured.grads,
         measured.optimizer,
     )
+
+
+# -- measured on every rank (TP 2 and 4) -------------------------------------------------------------
+# 8 heads and 4 KV heads split at TP 4; a vocabulary of 1001 is padded at every TP degree > 1.
+SHARDED = small_llama(vocab_size=1001, num_attention_heads=8, num_key_value_heads=4)
+SHARDED_SEQ = 64  # divisible by every TP degree, as sequence parallelism needs
+SHARDED_TPS = (2, 4)  # on 4 ranks: two TP groups of 2 (data parallelism off), then one of 4
+SHARDED_CASES = (  # (layout title in LAYOUTS, activation checkpointing)
+    *((title, False) for title in LAYOUTS),
+    ("+ vocab + sequence parallel", True),
+)
+
+
+def measure_sharded() -> dict[int, list[Measured]]:
+    """This rank's bytes in each of ``SHARDED_CASES`` at each TP degree of ``SHARDED_TPS``, each on a
+    fresh BD-LoRA model with nblocks = TP. One launch serves every degree: spawning is the slow part."""
+    world = dist.get_world_size()
+    return {tp: _measure_cases(build_mesh(ParallelDims(world, tp=tp))) for tp in SHARDED_TPS}
+
+
+def _measure_cases(mesh) -> list[Measured]:
+    tp = mesh["tp"].size()
+    measured = []
+    for title, checkpointing in SHARDED_CASES:
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(SHARDED).train()
+        apply_bdlora(model, BDLoraConfig(nblocks=tp))
+        layout = LAYOUTS[title]
+        parallelize(
+            model, mesh, vocab_parallel=layout.vocab_parallel, sequence_parallel=layout.sequence_parallel,
+            activation_checkpointing=checkpointing, data_parallel=False,
+        )  # fmt: skip
+        measured.append(measure_step(model, SHARDED.vocab_size, SHARDED_SEQ))
+    return measured
+
+
+def sharded_plans(tp: int) -> list:
+    model = meta_model(SHARDED)
+    plan = resolve_plan(model, BDLoraConfig(nblocks=tp))
+    return [
+        memory_plan(
+            model, plan, tp, seq_len=SHARDED_SEQ, micro_batch=2, dtype=torch.float32,
+            activation_checkpointing=checkpointing, vocab_parallel=LAYOUTS[title].vocab_parallel,
+            sequence_parallel=LAYOUTS[title].sequence_parallel,
+        )  # fmt: skip
+        for title, checkpointing in SHARDED_CASES
+    ]
+
+
+@pytest.mark.slow
+def test_plan_matches_every_rank_of_a_sharded_step():
+    results = run_distributed(measure_sharded, 4)
+    for tp in SHARDED_TPS:
+        for rank, by_tp in enumerate(results):
+            for (title, ckpt), planned, got in zip(SHARDED_CASES, sharded_plans(tp), by_tp[tp], strict=True):
+                where = f"tp {tp} rank {rank} {title}{', checkpointing' if ckpt else ''}"
+                ratio = planned.saved_activations / got.activations
+                print(f"{where}: planned {planned.saved_activations} measured {got.activations} {ratio:.4f}")
+                assert abs(ratio - 1) <= TOLERANCE, where
+                assert (planned.base_weights, planned.adapter, planned.grads, planned.optimizer) == (
+                    got.base_weights,
+                    got.adapter,
+                    got.grads,
+                    got.optimizer,
+                ), where
