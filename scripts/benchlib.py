@@ -86,25 +86,40 @@ def model_argv(m: ModelArgs) -> list[str]:
     return [f"--{k}={v}" for k, v in asdict(m).items()]
 
 
-def build_llama(m: ModelArgs, mesh: DeviceMesh | None, adapter: bool, embed_grad: bool = False) -> nn.Module:
-    """A seeded Llama (equal base weights whatever the adapter), sharded over ``mesh`` when given,
-    with a BD-LoRA adapter on q, k, v, o, gate, up and down when ``adapter``.
-
-    ``embed_grad``: the embedding weight requires grad, so that backward runs through every block
-    even without an adapter (scripts/bench_tp.py does the same for its base mode)."""
+def llama(m: ModelArgs) -> LlamaForCausalLM:
+    """The unsharded, seeded Llama of ``m`` (frozen, training mode), on the current default device."""
     torch.manual_seed(m.seed)
     model = LlamaForCausalLM(
         llama_config(m.hidden, m.intermediate, m.layers, m.heads, m.vocab, max(m.seq, 128))
     ).train()
-    model.requires_grad_(False)
+    return model.requires_grad_(False)
+
+
+def adapter_config(m: ModelArgs) -> BDLoraConfig:
+    """BD-LoRA on q, k, v, o, gate, up and down, rank R and nblocks N (global), alpha 2R."""
+    return BDLoraConfig(rank=m.rank, alpha=2 * m.rank, nblocks=m.nblocks, target_modules=list(DEFAULT_TARGETS))
+
+
+def build_llama(
+    m: ModelArgs,
+    mesh: DeviceMesh | None,
+    adapter: bool,
+    embed_grad: bool = False,
+    vocab_parallel: bool = False,
+    sequence_parallel: bool = False,
+) -> nn.Module:
+    """A seeded Llama (equal base weights whatever the adapter), sharded over ``mesh`` when given,
+    with a BD-LoRA adapter on q, k, v, o, gate, up and down when ``adapter``.
+
+    ``embed_grad``: the embedding weight requires grad, so that backward runs through every block
+    even without an adapter (scripts/bench_tp.py does the same for its base mode).
+    ``vocab_parallel``, ``sequence_parallel``: the layout, as ``parallelize`` takes it (with a mesh)."""
+    model = llama(m)
     if mesh is not None:
-        parallelize(model, mesh)
+        parallelize(model, mesh, vocab_parallel=vocab_parallel, sequence_parallel=sequence_parallel)
     if adapter:
-        config = BDLoraConfig(
-            rank=m.rank, alpha=2 * m.rank, nblocks=m.nblocks, target_modules=list(DEFAULT_TARGETS)
-        )
-        apply_bdlora(model, config)
-    model.model.embed_tokens.weight.requires_grad_(embed_grad)
+        apply_bdlora(model, adapter_config(m))
+    model.get_input_embeddings().weight.requires_grad_(embed_grad)
     return model
 
 

@@ -124,10 +124,10 @@ def parallelize(
     tp_size = _tp_size(mesh)
     blocks = check_model_tp(model, tp_size, cls) if tp_size > 1 else []
     _check_vocab_sequence(model, cls, vocab_parallel, sequence_parallel)
-    if activation_checkpointing and not hasattr(model, "gradient_checkpointing_enable"):
+    if activation_checkpointing and not hasattr(model, "activation_checkpointing_enable"):
         raise ValueError(
             f"activation_checkpointing=True needs a transformers model; {type(model).__name__} has no "
-            f"gradient_checkpointing_enable"
+            f"activation_checkpointing_enable"
         )
     tp, dp_group, dp_rank, dp_size = _mesh_groups(mesh)
     parallel = ParallelState(mesh, tp, cls, dp_group=dp_group, dp_rank=dp_rank, dp_size=dp_size)
@@ -139,7 +139,7 @@ def parallelize(
         for block in parallel.blocks:
             block.sequence = parallel.sequence
     if activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         parallel.activation_checkpointing = True
     if dp_group is not None and data_parallel:
         parallel.grads = GradientAverager(model, dp_group)
