@@ -46,7 +46,9 @@ ARGS = [
     "checkpoint.every=2",
     "checkpoint.keep_last=0",
 ]
-LAYOUTS = {"dp2": (2, 1), "tp2": (2, 2), "dp2xtp2": (4, 2)}
+LAYOUTS = {"dp2": (2, 1), "tp2": (2, 2), "dp2xtp2-vocab-sequence": (4, 2)}
+# the vocabulary- and sequence-parallel layout under ZeRO: the same trajectory as the others
+VOCAB_SEQUENCE = ["parallel.vocab_parallel=true", "parallel.sequence_parallel=true"]
 
 
 def trained(tmp: Path, name: str, nproc: int, *overrides: str) -> Path:
@@ -129,7 +131,7 @@ def test_an_engine_on_the_wrong_groups_is_refused():
 
 # Each layout once, the stages spread over them (every stage partitions over the DP group alone;
 # DP 2 x TP 1 under ZeRO 1 runs through launch/deepspeed.sh, in the launcher's test below).
-CASES = [("dp2", 2), ("tp2", 1), ("dp2xtp2", 2)]
+CASES = [("dp2", 2), ("tp2", 1), ("dp2xtp2-vocab-sequence", 2)]
 
 
 @pytest.mark.slow
@@ -138,6 +140,7 @@ def test_zero_matches_the_native_engine(native, tmp_path, layout, stage):
     nproc, tp = LAYOUTS[layout]
     micro = 8 // (nproc // tp)  # 8 rows per step over the DP ranks, as in the reference
     ds_args = ["parallel.engine=deepspeed", f"deepspeed=zero{stage}", f"parallel.tp={tp}"]
+    ds_args += VOCAB_SEQUENCE if layout.endswith("vocab-sequence") else []
     run = trained(tmp_path, "ds", nproc, *ds_args, f"data.micro_batch_size={micro}")
     same_tp = native["tp2"] if tp == 2 else native["reference"]
     assert_same_run(run, native["reference"], f"{layout} zero{stage}", same_tp)
