@@ -36,6 +36,7 @@ from bdlora.parallel import parallelize
 from bdlora.presets import llama_config
 
 MiB = 2**20
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 
 
 @dataclass(frozen=True)
@@ -97,7 +98,9 @@ def llama(m: ModelArgs) -> LlamaForCausalLM:
 
 def adapter_config(m: ModelArgs) -> BDLoraConfig:
     """BD-LoRA on q, k, v, o, gate, up and down, rank R and nblocks N (global), alpha 2R."""
-    return BDLoraConfig(rank=m.rank, alpha=2 * m.rank, nblocks=m.nblocks, target_modules=list(DEFAULT_TARGETS))
+    return BDLoraConfig(
+        rank=m.rank, alpha=2 * m.rank, nblocks=m.nblocks, target_modules=list(DEFAULT_TARGETS)
+    )
 
 
 def build_llama(
@@ -216,6 +219,17 @@ def saved_bytes(model: nn.Module, tokens: torch.Tensor) -> SavedTensors:
     loss.backward()
     model.zero_grad(set_to_none=True)
     return saved
+
+
+def fix_mmap_threshold(nbytes: int = 64 * 1024) -> bool:
+    """From now on glibc serves every allocation of ``nbytes`` or more with an mmap of its own and
+    unmaps it when it is freed, by whichever thread. (Its threshold otherwise rises to the largest
+    block freed so far, up to 32 MiB, and later blocks below it stay in the heap once freed, so RSS
+    reads the heap's high-water mark.) RSS then follows the bytes live tensors hold. Irreversible
+    in this process; False where there is no glibc ``mallopt``."""
+    name = ctypes.util.find_library("c")
+    mallopt = getattr(ctypes.CDLL(name), "mallopt", None) if name else None
+    return mallopt is not None and mallopt(M_MMAP_THRESHOLD, nbytes) == 1
 
 
 def release_free_memory() -> None:

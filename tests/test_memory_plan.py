@@ -344,10 +344,16 @@ def sharded_plans(tp: int) -> list:
     plan = resolve_plan(model, BDLoraConfig(nblocks=tp))
     return [
         memory_plan(
-            model, plan, tp, seq_len=SHARDED_SEQ, micro_batch=2, dtype=torch.float32,
-            activation_checkpointing=checkpointing, vocab_parallel=LAYOUTS[title].vocab_parallel,
+            model,
+            plan,
+            tp,
+            seq_len=SHARDED_SEQ,
+            micro_batch=2,
+            dtype=torch.float32,
+            activation_checkpointing=checkpointing,
+            vocab_parallel=LAYOUTS[title].vocab_parallel,
             sequence_parallel=LAYOUTS[title].sequence_parallel,
-        )  # fmt: skip
+        )
         for title, checkpointing in SHARDED_CASES
     ]
 
