@@ -68,8 +68,10 @@ class Term:
 
     ``part``: ``layers`` (decoder layers and the final norm) or ``logits`` (LM head and loss).
     ``kind``: ``saved`` (autograd holds it from the forward until backward), ``transient`` (live
-    while the loss is computed, freed before backward starts), ``recompute`` (one decoder layer's
-    activations, rebuilt during backward under activation checkpointing: a peak, not a sum).
+    while the loss is computed, freed before backward starts), ``backward`` (the loss's gradients,
+    live while its backward runs; the table counts the larger of these and the transients),
+    ``recompute`` (one decoder layer's activations, rebuilt during backward under activation
+    checkpointing: a peak, not a sum).
     """
 
     part: str
@@ -113,6 +115,12 @@ class MemoryPlan:
         """What autograd holds for backward when the forward ends (``saved_tensors_hooks`` sees it)."""
         return self.activation_bytes(kind="saved")
 
+    def activation_peak(self, part: str) -> int:
+        """Saved and recomputed bytes, plus the larger of the loss's forward temporaries and its
+        backward's gradients (they are never live together)."""
+        kind = lambda k: self.activation_bytes(part, k)  # noqa: E731
+        return kind("saved") + kind("recompute") + max(kind("transient"), kind("backward"))
+
     def rows(self) -> list[tuple[str, int]]:
         """The table rows, total last: activations count every kind (an upper bound on the peak)."""
         items = [
@@ -120,8 +128,8 @@ class MemoryPlan:
             ("adapter", self.adapter),
             ("AdamW state", self.optimizer),
             ("grads", self.grads),
-            ("activations: layers", self.activation_bytes("layers")),
-            ("activations: logits+loss", self.activation_bytes("logits")),
+            ("activations: layers", self.activation_peak("layers")),
+            ("activations: logits+loss", self.activation_peak("logits")),
         ]
         return [*items, ("total", sum(b for _, b in items))]
 
@@ -429,14 +437,30 @@ def _logits_terms(d: _Dims, dtype: torch.dtype, vocab_parallel: bool) -> list[Te
     if not vocab_parallel:
         return [
             *terms,
+            Term(
+                "logits",
+                "log-softmax backward: its incoming and input gradients",
+                (tokens, vocab),
+                FP32,
+                kind="backward",
+                count=2,
+            ),
             Term("logits", "log-softmax", (tokens, vocab), FP32),
             Term("logits", "targets", (tokens,), torch.int64),
             Term("logits", "loss total weight", (), FP32),
         ]
     if vocab * d.tp > d.vocab:  # the padding columns are masked on a copy
         terms.append(Term("logits", "logits with padding masked", (tokens, vocab), FP32, kind="transient"))
+    backward = [
+        Term("logits", "softmax backward: the logits' gradient", (tokens, vocab), FP32, kind="backward")
+    ]
+    if dtype != FP32:
+        backward.append(
+            Term("logits", "the gradient cast to the logits' dtype", (tokens, vocab), dtype, kind="backward")
+        )
     return [
         *terms,
+        *backward,
         Term("logits", "softmax", (tokens, vocab), FP32),
         Term("logits", "local targets", (tokens,), torch.int64),
         Term("logits", "target masks", (tokens,), torch.bool, count=2),

@@ -16,8 +16,9 @@ degree (``python -m torch.distributed.run``, gloo, CPU, one thread per rank). Ea
 4. reports the peak RSS increase over one more training step (VmHWM after resetting it through
    ``/proc/self/clear_refs``, minus RSS before the step).
 
-    python scripts/bench_memory.py                     # TP 1, 2, 4, replicated: ~70 s on 2 busy cores
-    python scripts/bench_memory.py --layout replicated vocab sequence   # the three layouts
+    python scripts/bench_memory.py                     # TP 1, 2, 4, replicated: ~60 s on 2 cores
+    python scripts/bench_memory.py --layout replicated vocab sequence   # the three layouts: ~70 s
+    python scripts/bench_memory.py --layout replicated vocab sequence --mmap-threshold 65536
     python scripts/bench_memory.py --tp 2 --hidden 1024 --json memory.json
 
 The first table is MiB on that rank, with its ratio to the unsharded model's in parentheses. TP 1
@@ -27,9 +28,11 @@ TP t the adapter, its gradients and its optimizer state should be 1/t of the uns
 norms and lm_head (replicated, or ``ceil(V/t)`` rows each with vocabulary parallelism).
 
 The second table sets the plan (``bdlora plan --memory``, docs/memory.md) beside each measured
-row: every byte count with its ratio planned / measured, then the plan's total and its grads +
-activations (what a step adds on top of the weights, adapter and AdamW state already resident)
-against the step's measured peak RSS increase.
+row: every byte count with its ratio planned / measured, then the plan's total against the step's
+peak RSS increase and against the measured peak (that increase plus the weights, adapter and AdamW
+state already resident). glibc keeps freed blocks in its heap, so by default the RSS increase reads
+the heap's high-water mark; ``--mmap-threshold 65536`` has every block of 64 KiB or more returned
+to the kernel when it is freed, and the increase then follows the live tensor bytes.
 """
 
 from __future__ import annotations
@@ -67,10 +70,8 @@ FIELDS = (
     ("activations", "saved activations"),
     ("saved_params", "saved params*"),
     ("step_peak", "step peak RSS"),
-    ("step_peak_unmapped", "step peak RSS, unmapped**"),
     ("loading_peak", "loading peak RSS"),
 )
-UNMAPPED_FROM = 64 * 1024  # bytes: glibc unmaps every block this large as soon as it is freed
 # --layout name: its column title in bdlora.memory.LAYOUTS
 LAYOUTS = {"replicated": "replicated", "vocab": "+ vocab parallel", "sequence": "+ vocab + sequence parallel"}
 # (key in a rank's result, key in the plan's numbers, column title) of the planned-vs-measured table
@@ -95,6 +96,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(vocab_parallel=True), sequence (vocab_parallel and sequence_parallel)",
     )
     benchlib.add_model_args(p, hidden=512, intermediate=1376, layers=4, vocab=4096, batch=4)
+    p.add_argument(
+        "--mmap-threshold",
+        type=int,
+        default=None,
+        metavar="BYTES",
+        help="start the ranks with glibc's MALLOC_MMAP_THRESHOLD_=BYTES: every block that large is "
+        "returned to the kernel as soon as it is freed, so the step peak RSS follows the live tensor "
+        "bytes rather than the heap's high-water mark (docs/memory.md)",
+    )
     p.add_argument("--json", default=None, help="write the rows (bytes) to this file")
     p.add_argument("--model-dir", default=None, help=argparse.SUPPRESS)  # set by the launcher
     p.add_argument("--worker-result", default=None, help=argparse.SUPPRESS)  # set by the launcher
@@ -112,16 +122,15 @@ def step_peak_rss(step: Callable[[], None]) -> int:
     return bench_loading.proc_status()["VmHWM"] - before
 
 
-def training_memory(model: nn.Module, tokens: torch.Tensor) -> tuple[dict[str, int], Callable[[], None]]:
-    """Parameter, gradient, optimizer-state and saved-tensor bytes, and one step's peak RSS; and
-    the step."""
+def training_memory(model: nn.Module, tokens: torch.Tensor) -> dict[str, int]:
+    """Parameter, gradient, optimizer-state and saved-tensor bytes, and one step's peak RSS."""
     step, optimizer = benchlib.make_train_step(model, tokens)
     model(input_ids=tokens, labels=tokens).loss.backward()
     grads = benchlib.grad_bytes(model)
     optimizer.step()
     model.zero_grad(set_to_none=True)
     saved = benchlib.saved_bytes(model, tokens)
-    row = {
+    return {
         **benchlib.param_bytes(model),
         "grads": grads,
         "optimizer": benchlib.optimizer_state_bytes(optimizer),
@@ -129,7 +138,6 @@ def training_memory(model: nn.Module, tokens: torch.Tensor) -> tuple[dict[str, i
         "saved_params": saved.parameter_bytes,
         "step_peak": step_peak_rss(step),
     }
-    return row, step
 
 
 def measure_rank(m: ModelArgs, mesh: DeviceMesh, model_dir: Path, layouts: list[str]) -> list[dict]:
@@ -138,21 +146,17 @@ def measure_rank(m: ModelArgs, mesh: DeviceMesh, model_dir: Path, layouts: list[
     dist.barrier()
     loading_peak = bench_loading.measure_load(model_dir, m.rank, mesh)["peak_delta"]
     benchlib.release_free_memory()
-    rows, steps = [], []
+    rows = []
     for name in layouts:
         layout = memory.LAYOUTS[LAYOUTS[name]]
         model = benchlib.build_llama(
             m, mesh, adapter=True, vocab_parallel=layout.vocab_parallel,
             sequence_parallel=layout.sequence_parallel,
         )  # fmt: skip
-        row, step = training_memory(model, benchlib.token_batch(m))
-        rows.append({"layout": name, "loading_peak": loading_peak, **row})
-        steps.append(step)
-    # Last, as it cannot be undone: each step again, with RSS following the live tensor bytes.
-    if not benchlib.fix_mmap_threshold(UNMAPPED_FROM):
-        raise RuntimeError("glibc's mallopt is unavailable: cannot measure the step peak without its slack")
-    for row, step in zip(rows, steps, strict=True):
-        row["step_peak_unmapped"] = step_peak_rss(step)
+        rows.append(
+            {"layout": name, "loading_peak": loading_peak, **training_memory(model, benchlib.token_batch(m))}
+        )
+        del model
     return rows
 
 
@@ -179,15 +183,16 @@ def layouts_at(tp: int, layouts: list[str]) -> list[str]:
     return ["replicated"] if tp == 1 else layouts
 
 
-def measure(m: ModelArgs, tps: list[int], layouts: list[str]) -> list[dict]:
+def measure(m: ModelArgs, tps: list[int], layouts: list[str], mmap_threshold: int | None) -> list[dict]:
     """Every rank's row at every TP degree (TP 1 first, added when missing) and layout."""
+    env = {} if mmap_threshold is None else {"MALLOC_MMAP_THRESHOLD_": str(mmap_threshold)}
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench_memory_") as tmp:
         model_dir = Path(tmp) / "model"
         save_model(m, model_dir)
         for tp in sorted({1, *tps}):
             argv = [*benchlib.model_argv(m), f"--model-dir={model_dir}", "--layout", *layouts_at(tp, layouts)]
-            rows += benchlib.run_torchrun(__file__, tp, argv, Path(tmp) / f"tp{tp}.json")
+            rows += benchlib.run_torchrun(__file__, tp, argv, Path(tmp) / f"tp{tp}.json", env)
     return rows
 
 
@@ -216,7 +221,7 @@ def planned_numbers(
                 "optimizer": p.optimizer,
                 "grads": p.grads,
                 "saved_activations": p.saved_activations,
-                "step": p.grads + p.activation_bytes(),
+                "step": p.grads + p.activation_peak("layers") + p.activation_peak("logits"),
                 "total": p.total,
             }
     return out
@@ -227,9 +232,12 @@ def cell(value: int, unsharded: int) -> str:
     return f"{value / MiB:.2f} ({ratio})"
 
 
-def print_tables(m: ModelArgs, rows: list[dict], plans: dict[tuple[int, str], dict[str, int]]) -> None:
+def print_tables(
+    m: ModelArgs, rows: list[dict], plans: dict[tuple[int, str], dict[str, int]], mmap_threshold: int | None
+) -> None:
+    malloc = "glibc malloc defaults" if mmap_threshold is None else f"MALLOC_MMAP_THRESHOLD_={mmap_threshold}"
     print(
-        f"torch {torch.__version__}, gloo, CPU, 1 thread per rank, fp32; llama hidden={m.hidden} "
+        f"torch {torch.__version__}, gloo, CPU, 1 thread per rank, fp32, {malloc}; llama hidden={m.hidden} "
         f"intermediate={m.intermediate} layers={m.layers} heads={m.heads} vocab={m.vocab}; "
         f"batch={m.batch} seq={m.seq}; BD-LoRA on q,k,v,o,gate,up,down rank={m.rank} nblocks={m.nblocks}"
     )
@@ -250,9 +258,7 @@ def print_measured(rows: list[dict]) -> None:
         "already counted in base weights and adapter, so not added by the forward; AdamW state is "
         "2 x adapter plus a 4-byte step count per factor, on every rank. Loading peak RSS: "
         "from_pretrained in the replicated layout, once per rank (repeated in each layout's row). "
-        "TP 1 runs once: vocabulary and sequence parallelism change nothing there\n"
-        f"** the same step again once glibc unmaps every block of {UNMAPPED_FROM // 1024} KiB or more as "
-        "soon as it is freed: RSS follows the live tensor bytes instead of the heap's high-water mark"
+        "TP 1 runs once: vocabulary and sequence parallelism change nothing there"
     )
     for (tp, layout), ranks in groups(rows).items():
         for key in ("adapter", "grads") if tp > 1 else ():
@@ -263,38 +269,38 @@ def print_measured(rows: list[dict]) -> None:
 
 
 def print_planned(rows: list[dict], plans: dict[tuple[int, str], dict[str, int]]) -> None:
-    """Each row's plan beside it; the plan's total against the measured peaks."""
+    """Each row's plan beside it; the plan's total against the measured peak."""
     columns = [
         "tp", "layout", "rank", *(f"{title} planned MiB (/ measured)" for *_, title in COMPARED),
-        "plan total MiB", "measured peak MiB", "plan total / measured peak", "step peak RSS MiB",
-        "plan total / step peak RSS",
+        "plan total MiB", "step peak RSS MiB", "plan total / step peak RSS", "measured peak MiB",
+        "plan total / measured peak",
     ]  # fmt: skip
-    cells, exact, saved, ratios = [], [], [], {"peak": [], "rss": [], "step": []}
+    cells, exact, saved, ratios = [], [], [], {"rss": [], "peak": [], "step": []}
     for r in rows:
         plan = plans[r["tp"], r["layout"]]
         exact += [plan[p] == r[k] for k, p, _ in COMPARED if k != "activations"]
         saved.append(plan["saved_activations"] / r["activations"])
-        peak = r["base"] + r["adapter"] + r["optimizer"] + r["step_peak_unmapped"]
-        ratios["peak"].append(plan["total"] / peak)
+        peak = r["base"] + r["adapter"] + r["optimizer"] + r["step_peak"]
         ratios["rss"].append(plan["total"] / r["step_peak"])
-        ratios["step"].append(plan["step"] / r["step_peak_unmapped"])
+        ratios["peak"].append(plan["total"] / peak)
+        ratios["step"].append(plan["step"] / r["step_peak"])
         cells.append([
             r["tp"], r["layout"], r["rank"],
             *(f"{plan[p] / MiB:.2f} ({plan[p] / r[k]:.4f})" for k, p, _ in COMPARED),
-            f"{plan['total'] / MiB:.2f}", f"{peak / MiB:.2f}", f"{ratios['peak'][-1]:.2f}",
-            f"{r['step_peak'] / MiB:.2f}", f"{ratios['rss'][-1]:.2f}",
+            f"{plan['total'] / MiB:.2f}", f"{r['step_peak'] / MiB:.2f}", f"{ratios['rss'][-1]:.2f}",
+            f"{peak / MiB:.2f}", f"{ratios['peak'][-1]:.2f}",
         ])  # fmt: skip
     print(benchlib.markdown_table(columns, cells))
     print(
-        "measured peak: base weights + adapter + AdamW state (resident before the step) + step peak "
-        "RSS, unmapped; step peak RSS: the rise alone, with glibc's slack"
+        "plan total: every row of `bdlora plan --memory`; step peak RSS: its rise over one step; "
+        "measured peak: base weights + adapter + AdamW state (resident before the step) + that rise"
     )
     verdict = "equal to the byte on every row" if all(exact) else "NOT equal on some rows (see the ratios)"
     print(f"base weights, adapter, AdamW state, grads: planned and measured are {verdict}")
     print(f"saved activations: planned / measured {span(saved, 4)} (docs/memory.md: within 5%)")
-    print(f"the plan's total / the measured peak: {span(ratios['peak'])}")
     print(f"the plan's total / the step peak RSS rise: {span(ratios['rss'])}")
-    print(f"the plan's grads + activations / the step peak RSS rise, unmapped: {span(ratios['step'])}")
+    print(f"the plan's total / the measured peak: {span(ratios['peak'])}")
+    print(f"the plan's grads + activations / the step peak RSS rise: {span(ratios['step'])}")
 
 
 def span(values: list[float], digits: int = 2) -> str:
@@ -322,8 +328,8 @@ def main(argv: list[str] | None = None) -> None:
         plans = planned_numbers(m, args.tp, args.layout)
     except BDLoraConfigError as err:
         raise SystemExit(f"--layout {' '.join(args.layout)}: {err}") from err
-    rows = measure(m, args.tp, args.layout)
-    print_tables(m, rows, plans)
+    rows = measure(m, args.tp, args.layout, args.mmap_threshold)
+    print_tables(m, rows, plans, args.mmap_threshold)
     if args.json:
         for r in rows:
             r["plan"] = plans[r["tp"], r["layout"]]

@@ -36,7 +36,6 @@ from bdlora.parallel import parallelize
 from bdlora.presets import llama_config
 
 MiB = 2**20
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 
 
 @dataclass(frozen=True)
@@ -221,17 +220,6 @@ def saved_bytes(model: nn.Module, tokens: torch.Tensor) -> SavedTensors:
     return saved
 
 
-def fix_mmap_threshold(nbytes: int = 64 * 1024) -> bool:
-    """From now on glibc serves every allocation of ``nbytes`` or more with an mmap of its own and
-    unmaps it when it is freed, by whichever thread. (Its threshold otherwise rises to the largest
-    block freed so far, up to 32 MiB, and later blocks below it stay in the heap once freed, so RSS
-    reads the heap's high-water mark.) RSS then follows the bytes live tensors hold. Irreversible
-    in this process; False where there is no glibc ``mallopt``."""
-    name = ctypes.util.find_library("c")
-    mallopt = getattr(ctypes.CDLL(name), "mallopt", None) if name else None
-    return mallopt is not None and mallopt(M_MMAP_THRESHOLD, nbytes) == 1
-
-
 def release_free_memory() -> None:
     """Collect garbage and hand the allocator's free pages back to the kernel (glibc ``malloc_trim``),
     so that memory freed earlier cannot hide the RSS growth of what runs next."""
@@ -267,16 +255,20 @@ def median_ms(times: Sequence[float]) -> float:
 
 
 # -- launching and gathering ---------------------------------------------------------------------------
-def run_torchrun(script: str, tp: int, argv: list[str], result: Path) -> object:
+def run_torchrun(
+    script: str, tp: int, argv: list[str], result: Path, env: dict[str, str] | None = None
+) -> object:
     """Run ``script`` under ``python -m torch.distributed.run`` with ``tp`` ranks (torchrun need not be
-    on PATH); it writes its gathered result to ``--worker-result``, which is returned."""
+    on PATH); it writes its gathered result to ``--worker-result``, which is returned. ``env``: set
+    for the job, on top of this process's environment."""
     cmd = [
         *torchrun(tp, script, *argv),
         f"--worker-result={result}",
     ]
-    print("$ " + shlex.join(cmd), flush=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # torchrun would set it anyway, with a warning
-    subprocess.run(cmd, env=env, check=True)
+    extra = env or {}
+    print("$ " + shlex.join([*(f"{k}={v}" for k, v in extra.items()), *cmd]), flush=True)
+    # OMP_NUM_THREADS: torchrun would set it anyway, with a warning
+    subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1", **extra}, check=True)
     return json.loads(result.read_text())
 
 
