@@ -22,13 +22,16 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from bdlora.config import BDLoraConfigError
 from bdlora.parallel.comm import TPGroup, copy_to_tp, reduce_from_tp
 from bdlora.roles import Role
+
+if TYPE_CHECKING:
+    from bdlora.parallel.sequence import SequenceParallel
 
 
 class TPPlacementError(BDLoraConfigError):
@@ -121,12 +124,14 @@ class TPBlock:
 
     A pass opens when a column layer arrives with no pass open, or when one arrives that has already
     run in the open pass (the previous pass ended early, e.g. an exception or recomputation that
-    stopped before the row layer); the row layer closes it and drops the cached tensors.
+    stopped before the row layer); the row layer closes it and drops the cached tensors. While
+    sequence parallelism is active, f and g run at the block module's boundary instead
+    (``sequence.SequenceParallel``) and the block passes its tensors through unchanged.
     """
 
     spec: BlockSpec
     tp: TPGroup
-    sequence: Any = None  # a sequence.SequenceParallel: f and g become all-gather / reduce-scatter
+    sequence: SequenceParallel | None = None  # while active, f and g run at the block's boundary
     _input: torch.Tensor | None = field(default=None, repr=False)
     _output: torch.Tensor | None = field(default=None, repr=False)
     _seen: set[str] = field(default_factory=set, repr=False)

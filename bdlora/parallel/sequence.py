@@ -128,5 +128,5 @@ def apply_sequence_parallel_(model: nn.Module, tp: TPGroup, blocks: list[str]) -
     for name in blocks:
         _split_block(model.get_submodule(name), name, sequence)
     norm.register_forward_hook(lambda module, args, output: sequence.exit(output))
-    head.input_gathered = lambda: sequence.active
+    head.sequence = sequence
     return sequence

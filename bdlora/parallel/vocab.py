@@ -28,6 +28,7 @@ import inspect
 import math
 import weakref
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +36,9 @@ from torch import nn
 
 from bdlora.config import BDLoraConfigError
 from bdlora.parallel.comm import TPGroup, copy_to_tp, gather_vocab, max_over, reduce_from_tp, sum_over
+
+if TYPE_CHECKING:
+    from bdlora.parallel.sequence import SequenceParallel
 
 
 @dataclass(frozen=True)
@@ -99,18 +103,20 @@ class VocabParallelLMHead(nn.Module):
     """The LM head sharded along the vocabulary; ``weight``: ``(ceil(V/t), D)``.
 
     ``local_logits`` (set while a call with labels runs): return this rank's ``(B, T, V/t)``
-    logits; otherwise the full ``(B, T, V)``. ``input_gathered`` (sequence parallelism): the input
-    arrives all-gathered, whose backward already sums the ranks' partial gradients, so f is skipped.
+    logits; otherwise the full ``(B, T, V)``. ``sequence`` (a ``sequence.SequenceParallel``, set
+    by ``apply_sequence_parallel_``): while it is active the input arrives all-gathered, whose
+    backward already sums the ranks' partial gradients, so f is skipped.
     """
 
     def __init__(self, weight: nn.Parameter, shard: VocabShard) -> None:
         super().__init__()
         self.weight, self.shard = weight, shard
         self.local_logits = False
-        self.input_gathered = lambda: False
+        self.sequence: SequenceParallel | None = None
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        x = hidden if self.input_gathered() else copy_to_tp(hidden, self.shard.tp)
+        gathered = self.sequence is not None and self.sequence.active
+        x = hidden if gathered else copy_to_tp(hidden, self.shard.tp)
         logits_local = F.linear(x, self.weight)  # (B, T, V/t)
         if self.local_logits:
             return logits_local
