@@ -118,7 +118,8 @@ def _print_memory(args: argparse.Namespace, model, plan: Plan) -> int:
         activation_checkpointing=args.activation_checkpointing,
     )
     print(
-        f"{args.model}: {len(plan.modules)} adapted modules, {plan.params // args.tp:,} adapter params/rank"
+        f"{args.model}: {len(plan.modules)} adapted modules, "
+        f"{sum(m.params_per_rank(args.tp) for m in plan.modules):,} adapter params/rank"
     )
     print(describe(plans))
     return 0

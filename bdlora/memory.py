@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from bdlora.config import BDLoraConfigError
+from bdlora.parallel.styles import BDLoraTP
 from bdlora.plan import ModulePlan, Plan, check_plan_tp
 from bdlora.roles import Role, plan_regexes, planned_role
 
@@ -292,9 +293,10 @@ def base_weight_bytes(model: nn.Module, tp: int, dtype: torch.dtype, vocab_paral
 
 
 def _linear_shard(param: nn.Parameter, name: str, role: Role, kind: str, tp: int) -> int:
-    if role is Role.ROW and kind == "bias":
+    weight_dim, bias_dim = BDLoraTP.base_dims[role]  # the dims TP splits, as sharding.py splits them
+    dim = weight_dim if kind == "weight" else bias_dim
+    if dim is None:
         return param.numel()
-    dim = 0 if role is Role.COLUMN else param.dim() - 1  # colwise: output rows; rowwise: input columns
     return param.numel() // param.shape[dim] * _split(param.shape[dim], tp, f"{name} dim {dim}")
 
 

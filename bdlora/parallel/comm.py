@@ -68,21 +68,11 @@ class _GatherFromTP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
         ctx.group = group
-        t = dist.get_world_size(group)
-        lead, k = x.shape[:-1], x.shape[-1]
-        x_flat = x.reshape(-1, k).contiguous()  # (T, k)
-        out = x.new_empty((t * x_flat.shape[0], k))  # (t*T, k)
-        dist.all_gather_single(out, x_flat, group=group)
-        return out.view(t, -1, k).transpose(0, 1).reshape(*lead, t * k)  # (..., t*k)
+        return _all_gather_dim(x, x.dim() - 1, group)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        t = dist.get_world_size(ctx.group)
-        lead, k = grad.shape[:-1], grad.shape[-1] // t
-        chunks = grad.reshape(-1, t, k).transpose(0, 1).contiguous()  # (t, T, k)
-        out = grad.new_empty((chunks.shape[1], k))  # (T, k)
-        dist.reduce_scatter_single(out, chunks.view(-1, k), group=ctx.group)
-        return out.view(*lead, k), None
+        return _reduce_scatter_dim(grad, grad.dim() - 1, ctx.group), None
 
 
 def _all_gather_dim(x: torch.Tensor, dim: int, group: dist.ProcessGroup) -> torch.Tensor:

@@ -19,7 +19,7 @@ from bdlora.layers import BDLoraLinear
 from bdlora.model import apply_bdlora
 from bdlora.parallel.mesh import on_all_ranks
 from bdlora.parallel.parallelize import parallelize
-from bdlora.parallel.vocab import VocabParallelEmbedding, VocabParallelLMHead, VocabShard
+from bdlora.parallel.vocab import VocabParallelEmbedding, VocabParallelLMHead
 from bdlora.state import state_of
 
 
@@ -135,10 +135,10 @@ def _load_base(model: nn.Module, model_dir: Path, dtype: torch.dtype) -> None:
         owner = model.get_submodule(owner_name)
         with safe_open(str(where[key]), framework="pt") as handle:
             if isinstance(owner, (VocabParallelEmbedding, VocabParallelLMHead)):
-                _read_vocab_rows(handle, key, owner.shard, tensor)
-                continue
-            dim = _shard_dim(owner, p_name)
-            tensor.data.copy_(_read_slice(handle, key, dim, _tp_of(owner)).to(dtype))
+                local = owner.shard.take(handle.get_slice(key))  # padding rows stay zero
+            else:
+                local = _read_slice(handle, key, _shard_dim(owner, p_name), _tp_of(owner))
+            tensor.data.copy_(local.to(dtype))
     if missing:
         raise KeyError(f"{model_dir}: checkpoint lacks {len(missing)} weights, e.g. {missing[:3]}")
     model.tie_weights()
@@ -161,13 +161,6 @@ def _read_slice(handle, key: str, dim: int | None, tp: tuple[int, int]) -> torch
     size = view.get_shape()[dim] // world
     start = rank * size
     return view[start : start + size] if dim == 0 else view[:, start : start + size]
-
-
-def _read_vocab_rows(handle, key: str, shard: VocabShard, tensor: torch.Tensor) -> None:
-    """This rank's vocabulary rows; the padding rows past the vocabulary stay zero."""
-    tensor.data.zero_()
-    rows = handle.get_slice(key)[shard.start : shard.start + shard.real_rows]
-    tensor.data[: shard.real_rows].copy_(rows.to(tensor.dtype))
 
 
 def _reset_non_persistent_buffers(model: nn.Module, device) -> None:

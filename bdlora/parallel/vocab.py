@@ -61,11 +61,11 @@ class VocabShard:
         """Rows this rank holds that are real tokens, not padding."""
         return max(0, min(self.rows, self.vocab_size - self.start))
 
-    def take(self, weight: torch.Tensor) -> torch.Tensor:
-        """This rank's zero-padded ``(rows, D)`` shard of a full ``(V, D)`` weight."""
-        out = weight.new_zeros((self.rows, weight.shape[1]))
-        out[: self.real_rows] = weight[self.start : self.start + self.real_rows]
-        return out
+    def take(self, weight) -> torch.Tensor:
+        """This rank's zero-padded ``(rows, D)`` shard of a full ``(V, D)`` weight: a tensor, or a
+        safetensors slice (only this rank's rows are read)."""
+        real = weight[self.start : self.start + self.real_rows]  # (real_rows, D)
+        return F.pad(real, (0, 0, 0, self.rows - self.real_rows))
 
 
 class VocabParallelEmbedding(nn.Module):
