@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.distributed as dist
+from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from bdlora import BDLoraConfig, apply_bdlora, parallelize, save_adapter
@@ -29,12 +30,17 @@ MODELS = {"untied": dict(), "tied-odd-vocab": dict(vocab_size=250, tie_word_embe
 BATCH, SEQ = 4, 16
 
 
-def reference_model(kind: str):
+def plain_model(kind: str):
+    """The seeded base model, without an adapter."""
     config = preset_config("tiny-llama")
     for key, value in MODELS[kind].items():
         setattr(config, key, value)
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).train()
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+def reference_model(kind: str):
+    model = plain_model(kind).train()
     torch.manual_seed(0)
     apply_bdlora(model, BDLoraConfig(rank=8, alpha=16, nblocks=4, patterns={"up_proj": {"rank": 12}}))
     randomize_lora_b(model)
@@ -119,6 +125,11 @@ def test_vocab_and_sequence_parallel_match_single_process(tmp_path, tp):
         assert saved.keys() == expected.keys()
         for name, value in expected.items():
             torch.testing.assert_close(saved[name], value, atol=0, rtol=0, msg=name)
+        # and PEFT itself loads it onto the plain model, giving the reference's logits
+        peft_model = PeftModel.from_pretrained(plain_model(kind), str(tmp_path / f"{kind}-sequence")).eval()
+        with torch.no_grad():
+            peft_logits = peft_model(input_ids=batch(kind)[0]).logits
+        torch.testing.assert_close(peft_logits, references[kind]["logits"], atol=1e-5, rtol=1e-5)
 
 
 def _read_adapter(path) -> dict[str, torch.Tensor]:
