@@ -72,10 +72,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     blocks = None
     if args.tp > 1:
         from bdlora.parallel.sharding import check_model_tp  # noqa: PLC0415
-        from bdlora.plan import check_plan_tp  # noqa: PLC0415
+        from bdlora.parallel.styles import BDLoraTP  # noqa: PLC0415
 
-        blocks = check_model_tp(model, args.tp)
-        check_plan_tp(plan, args.tp)
+        blocks, layouts = check_model_tp(model, args.tp)
+        BDLoraTP.check_plan(plan, args.tp, layouts)
     if args.memory:
         return _print_memory(args, model, plan)
     print(plan.format(tp=args.tp))

@@ -13,6 +13,7 @@ its factor shards; the layer's own code then runs unchanged on the local shards,
 from __future__ import annotations
 
 import math
+import sys
 from typing import Protocol
 
 import torch
@@ -127,6 +128,21 @@ def std_from_moments(moments: torch.Tensor) -> float:
     return math.sqrt(max(sq - total * total / n, 0.0) / (n - 1))
 
 
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2): a linear layer storing ``W^T``, ``(d_in, d_out)``, ``y = x W^T + b``.
+
+    Looked up in ``sys.modules``: a model holding a Conv1D has imported it, and ``import bdlora``
+    stays free of the transformers import.
+    """
+    pytorch_utils = sys.modules.get("transformers.pytorch_utils")
+    return pytorch_utils is not None and isinstance(module, pytorch_utils.Conv1D)
+
+
+def is_adaptable(module: nn.Module) -> bool:
+    """A layer ``BDLoraLinear`` can wrap: ``nn.Linear`` or transformers' ``Conv1D``."""
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
 class TPStyle(Protocol):
     """What a sharded layer delegates to its ``tp_style`` (implemented in ``bdlora.parallel.styles``)."""
 
@@ -149,19 +165,22 @@ class BDLoraLinear(nn.Module):
     """A frozen linear layer with named BD-LoRA adapters, one active at a time.
 
     ``global_shape`` is the unsharded base weight's ``(d_out, d_in)``; under TP ``base_layer`` holds
-    this rank's shard and ``tp_style`` says how the shards combine.
+    this rank's shard and ``tp_style`` says how the shards combine. A transformers ``Conv1D`` base
+    (``fan_in_fan_out``, as PEFT calls it) stays the ``base_layer``, in its own ``(d_in, d_out)``
+    layout; ``weight`` is always the ``(d_out, d_in)`` view, which all math reads and merging writes.
     """
 
     # Forward and backward through ``_LoraLinear`` where it applies; False: autograd over the
     # separate ops (``lora_delta``), the reference the fused path is tested and profiled against.
     fused: bool = True
 
-    def __init__(self, base_layer: nn.Linear, role: Role) -> None:
+    def __init__(self, base_layer: nn.Module, role: Role) -> None:
         super().__init__()
         self.base_layer = base_layer
+        self.fan_in_fan_out = is_conv1d(base_layer)
         self.role = role
         self.tp_style: TPStyle | None = None
-        self.global_shape = tuple(base_layer.weight.shape)
+        self.global_shape = tuple(self.weight.shape)
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
         self.lora_dropout = nn.ModuleDict()
@@ -174,7 +193,9 @@ class BDLoraLinear(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        return self.base_layer.weight
+        """The base weight as ``(d_out, d_in)`` (a transposed view of a Conv1D's)."""
+        w = self.base_layer.weight
+        return w.t() if self.fan_in_fan_out else w
 
     @property
     def bias(self) -> torch.Tensor | None:
@@ -186,7 +207,7 @@ class BDLoraLinear(nn.Module):
             raise ValueError(f"adapter {name!r} already exists on this layer; delete it first")
         d_out, d_in = self.global_shape
         shape_a, shape_b = global_factor_shapes(self.role, d_in, d_out, rank, nblocks)
-        w = self.base_layer.weight
+        w = self.weight
         a_full = torch.empty(shape_a, dtype=w.dtype, device="meta")
         b_full = torch.empty(shape_b, dtype=w.dtype, device="meta")
         a_local, b_local = self._shard(a_full, b_full)
@@ -217,7 +238,7 @@ class BDLoraLinear(nn.Module):
 
     def weight_std(self) -> float:
         """Standard deviation of the unsharded base weight (every TP rank calls it when sharded)."""
-        moments = weight_moments(self.base_layer.weight)
+        moments = weight_moments(self.weight)
         if self.tp_style is not None:
             moments = self.tp_style.sum_moments(moments)
         return std_from_moments(moments)
@@ -268,17 +289,17 @@ class BDLoraLinear(nn.Module):
         """``W x`` plus the live adapter's delta, before the bias (a row shard's partial sum)."""
         name = self.live_adapter()
         if name is None:
-            return F.linear(x, self.base_layer.weight)
+            return F.linear(x, self.weight)
         if self.fused and self._fusable(x, name):
             return self._fused_forward(x, name)
-        return F.linear(x, self.base_layer.weight) + self.lora_delta(x, name).to(x.dtype)
+        return F.linear(x, self.weight) + self.lora_delta(x, name).to(x.dtype)
 
     def _fusable(self, x: torch.Tensor, name: str) -> bool:
         """One block of the block-diagonal factor on this rank (BD-LoRA at TP = nblocks, or plain
         LoRA), one dtype, and no dropout (the adapter then sees the base's own input). More blocks
         take the packed ``bmm``: a dense expansion would multiply that factor's FLOPs by the blocks.
         """
-        w, a = self.base_layer.weight, self.lora_A[name]
+        w, a = self.weight, self.lora_A[name]
         return (
             self.local_nblocks[name] == 1
             and x.dtype == w.dtype == a.dtype
@@ -288,7 +309,7 @@ class BDLoraLinear(nn.Module):
     def _fused_forward(self, x: torch.Tensor, name: str) -> torch.Tensor:
         x_2d = x.reshape(-1, x.shape[-1])  # (T, d_in)
         a, b = self.lora_A[name], self.lora_B[name]
-        out = _LoraLinear.apply(x_2d, self.base_layer.weight, a, b, self.scaling[name])  # (T, d_out)
+        out = _LoraLinear.apply(x_2d, self.weight, a, b, self.scaling[name])  # (T, d_out)
         return out.view(*x.shape[:-1], out.shape[-1])
 
     def add_bias(self, out: torch.Tensor) -> torch.Tensor:
@@ -314,7 +335,7 @@ class BDLoraLinear(nn.Module):
         name = name or self.active_adapter
         if name is None or name in self.merged:
             return
-        w = self.base_layer.weight
+        w = self.weight  # a view: writes through to a Conv1D's (d_in, d_out) storage
         w.copy_((w.float() + self.delta_weight(name)).to(w.dtype))
         self.merged.append(name)
 
@@ -322,7 +343,7 @@ class BDLoraLinear(nn.Module):
     def unmerge(self, name: str | None = None) -> None:
         for key in [name] if name else list(reversed(self.merged)):
             if key in self.merged:
-                w = self.base_layer.weight
+                w = self.weight
                 w.copy_((w.float() - self.delta_weight(key)).to(w.dtype))
                 self.merged.remove(key)
 

@@ -35,9 +35,9 @@ import torch
 from torch import nn
 
 from bdlora.config import BDLoraConfigError
-from bdlora.parallel.styles import BDLoraTP
+from bdlora.parallel.styles import LinearLayout
 from bdlora.plan import ModulePlan, Plan, check_plan_tp
-from bdlora.roles import Role, plan_regexes, planned_role
+from bdlora.roles import plan_regexes, planned_role
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Attention kernels that save q, k, v, the output and the log-sum-exp rather than a (T, T) matrix.
@@ -288,13 +288,12 @@ def base_weight_bytes(model: nn.Module, tp: int, dtype: torch.dtype, vocab_paral
             continue
         module_name, _, kind = name.rpartition(".")
         planned = planned_role(module_name.removesuffix(".base_layer"), regexes) if tp > 1 else None
-        numel += param.numel() if planned is None else _linear_shard(param, name, planned[0], kind, tp)
+        numel += param.numel() if planned is None else _linear_shard(param, name, planned[1], kind, tp)
     return numel * dtype.itemsize
 
 
-def _linear_shard(param: nn.Parameter, name: str, role: Role, kind: str, tp: int) -> int:
-    weight_dim, bias_dim = BDLoraTP.base_dims[role]  # the dims TP splits, as sharding.py splits them
-    dim = weight_dim if kind == "weight" else bias_dim
+def _linear_shard(param: nn.Parameter, name: str, style: str, kind: str, tp: int) -> int:
+    dim = LinearLayout.from_style(style).base_dim(kind)  # the dim TP splits, as sharding.py splits it
     if dim is None:
         return param.numel()
     return param.numel() // param.shape[dim] * _split(param.shape[dim], tp, f"{name} dim {dim}")

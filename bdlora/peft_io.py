@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from torch import nn
 
 from bdlora.config import BDLoraConfig, BDLoraConfigError
 from bdlora.fsutil import write_file_atomic
-from bdlora.layers import dense_factors, global_factor_shapes
+from bdlora.layers import dense_factors, global_factor_shapes, is_adaptable
 from bdlora.model import adapters_of, add_adapter_, remove_adapter_
 from bdlora.plan import ModulePlan, Plan
 from bdlora.roles import Role
@@ -72,6 +73,14 @@ def _bd_lists(plan: Plan) -> tuple[list[str], list[str]]:
     return sides[Role.ROW], sides[Role.COLUMN]
 
 
+def _is_causal_lm(model: nn.Module) -> bool:
+    """A causal LM class, by transformers' own list (GPT-2's is ``GPT2LMHeadModel``)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    name = type(model).__name__
+    return name.endswith("ForCausalLM") or name in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
+
+
 def peft_config_dict(model: nn.Module, adapter_name: str, fmt: str) -> dict[str, Any]:
     """The ``LoraConfig`` fields that reproduce adapter ``adapter_name`` in PEFT."""
     from peft import BdLoraConfig, LoraConfig  # noqa: PLC0415  (heavy import, only when saving)
@@ -83,7 +92,7 @@ def peft_config_dict(model: nn.Module, adapter_name: str, fmt: str) -> dict[str,
     linear_names = [
         n
         for n, m in model.named_modules()
-        if isinstance(getattr(m, "base_layer", m), nn.Linear) and not n.endswith("base_layer")
+        if is_adaptable(getattr(m, "base_layer", m)) and not n.endswith("base_layer")
     ]
     targets, excluded = _targets(plan, linear_names)
     kwargs: dict[str, Any] = dict(
@@ -95,9 +104,11 @@ def peft_config_dict(model: nn.Module, adapter_name: str, fmt: str) -> dict[str,
         rank_pattern=_pattern(plan, lambda m: m.rank, rank),
         alpha_pattern=_pattern(plan, lambda m: m.settings.alpha, alpha),
         base_model_name_or_path=getattr(getattr(model, "config", None), "_name_or_path", None),
-        task_type="CAUSAL_LM" if type(model).__name__.endswith("ForCausalLM") else None,
+        task_type="CAUSAL_LM" if _is_causal_lm(model) else None,
+        fan_in_fan_out=any(m.fan_in_fan_out for m in plan.modules),  # PEFT requires it for Conv1D
     )
     if fmt == "peft-bdlora":
+        _warn_conv1d_bdlora(plan, adapter_name)
         bd_a, bd_b = _bd_lists(plan)
         kwargs["use_bdlora"] = BdLoraConfig(
             target_modules_bd_a=bd_a, target_modules_bd_b=bd_b, nblocks=plan.global_nblocks
@@ -107,6 +118,24 @@ def peft_config_dict(model: nn.Module, adapter_name: str, fmt: str) -> dict[str,
         if isinstance(out[key], set):
             out[key] = sorted(out[key])
     return json.loads(json.dumps(out, default=lambda o: o.__dict__ if hasattr(o, "__dict__") else str(o)))
+
+
+def _warn_conv1d_bdlora(plan: Plan, adapter_name: str) -> None:
+    """PEFT's BD-LoRA variant (0.21) sizes its block-diagonal factor from ``base_layer.in_features`` /
+    ``out_features``, which transformers' Conv1D lacks: PEFT fails to load such an adapter."""
+    conv1d = [m.name for m in plan.modules if m.fan_in_fan_out]
+    if not conv1d:
+        return
+    from peft import __version__ as peft_version
+
+    warnings.warn(
+        f"adapter {adapter_name!r}: {len(conv1d)} adapted modules are transformers Conv1D layers "
+        f"(e.g. {conv1d[0]!r}). bdlora.load_adapter reads this peft-bdlora directory, but PEFT "
+        f"{peft_version}'s BD-LoRA cannot build on Conv1D ('Conv1D' object has no attribute "
+        f"'out_features'). For PEFT, save with format='peft-lora': the same adapter, its "
+        f"block-diagonal factor expanded to a dense one.",
+        stacklevel=4,
+    )
 
 
 def adapter_tensors(model: nn.Module, adapter_name: str, fmt: str) -> dict[str, torch.Tensor]:

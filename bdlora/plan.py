@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from bdlora.config import BDLoraConfig, BDLoraConfigError, ModuleSettings
+from bdlora.layers import is_adaptable, is_conv1d
 from bdlora.roles import Role, role_of
 
 
@@ -24,6 +25,7 @@ class ModulePlan:
     d_out: int
     settings: ModuleSettings
     global_nblocks: int  # blocks of the unsharded adapter (the config's nblocks)
+    fan_in_fan_out: bool = False  # a transformers Conv1D: its checkpoint stores W as (d_in, d_out)
 
     @property
     def rank(self) -> int:
@@ -190,7 +192,14 @@ def _linear_sizes(module: nn.Module) -> tuple[int, int] | None:
         return d_in, d_out
     if isinstance(module, nn.Linear):
         return module.in_features, module.out_features
+    if is_conv1d(module):
+        d_in, d_out = module.weight.shape  # Conv1D stores W^T
+        return d_in, d_out
     return None
+
+
+def _is_fan_in_fan_out(module: nn.Module) -> bool:
+    return getattr(module, "fan_in_fan_out", False) or is_conv1d(module)
 
 
 def resolve_plan(model: nn.Module, config: BDLoraConfig) -> Plan:
@@ -206,7 +215,8 @@ def resolve_plan(model: nn.Module, config: BDLoraConfig) -> Plan:
             if not any(True for _ in module.children()):
                 raise BDLoraConfigError(
                     f"module {name!r} matches target_modules but is a {type(module).__name__}; "
-                    f"bdlora adapts nn.Linear modules only"
+                    f"bdlora adapts nn.Linear and transformers Conv1D modules only: narrow "
+                    f"target_modules or map it to None in patterns"
                 )
             continue
         targeted.append(name)
@@ -214,14 +224,10 @@ def resolve_plan(model: nn.Module, config: BDLoraConfig) -> Plan:
         if settings is None:
             plan.excluded.append((name, f"pattern {key!r} -> None"))
             continue
-        plan.modules.append(_module_plan(name, sizes, settings, config.nblocks, tp_plan))
+        plan.modules.append(_module_plan(name, module, sizes, settings, config.nblocks, tp_plan))
     _check_patterns_used(config, targeted, plan)
     if not plan.modules:
-        raise BDLoraConfigError(
-            f"no module left to adapt: target_modules={config.target_modules} matched "
-            f"{len(targeted)} linear modules and patterns excluded {len(plan.excluded)}; "
-            f"linear modules look like {_example_linear(model)!r}"
-        )
+        raise BDLoraConfigError(_nothing_to_adapt(model, config, len(targeted), len(plan.excluded), tp_plan))
     if not tp_plan:
         plan.notes.append("the model config has no base_model_tp_plan: roles inferred from names")
     return plan
@@ -232,7 +238,7 @@ def _is_adapter_part(name: str) -> bool:
 
 
 def _module_plan(
-    name: str, sizes: tuple[int, int], settings: ModuleSettings, nblocks: int, tp_plan
+    name: str, module: nn.Module, sizes: tuple[int, int], settings: ModuleSettings, nblocks: int, tp_plan
 ) -> ModulePlan:
     d_in, d_out = sizes
     if settings.role is not None:
@@ -249,7 +255,7 @@ def _module_plan(
             f"is not divisible by nblocks={nblocks}; its block-diagonal {role.bd_factor} needs "
             f"{split_name} % nblocks == 0. Pick nblocks dividing {split} or exclude the module."
         )
-    return ModulePlan(name, role, source, d_in, d_out, settings, nblocks)
+    return ModulePlan(name, role, source, d_in, d_out, settings, nblocks, _is_fan_in_fan_out(module))
 
 
 def _check_patterns_used(config: BDLoraConfig, targeted: Iterable[str], plan: Plan) -> None:
@@ -268,11 +274,41 @@ def _check_patterns_used(config: BDLoraConfig, targeted: Iterable[str], plan: Pl
     plan.notes.append(message)
 
 
-def _example_linear(model: nn.Module) -> str:
+def _nothing_to_adapt(model: nn.Module, config: BDLoraConfig, targeted: int, excluded: int, tp_plan) -> str:
+    """The "no module left to adapt" error: the model's linear layer names and a target list to paste."""
+    message = (
+        f"no module left to adapt in {type(model).__name__}: target_modules={config.target_modules} "
+        f"matched {targeted} linear modules and patterns excluded {excluded}. "
+    )
+    if targeted:
+        return message + "Map fewer of them to None in patterns."
+    leaves, known = _linear_leaves(model, tp_plan)
+    message += f"Its nn.Linear / Conv1D layers are named {leaves or '<none>'}. "
+    if known:
+        message += f"bdlora knows the TP roles of {known}: pass target_modules={known}. "
+    return message + (
+        "To adapt a layer bdlora has no role for, target it and give its role: "
+        "target_modules=[..., 'NAME'], patterns={'NAME': {'role': 'column'}} (column: output split, "
+        "q/k/v/up-like; row: input split, o/down-like)."
+    )
+
+
+def _linear_leaves(model: nn.Module, tp_plan) -> tuple[list[str], list[str]]:
+    """(leaf names of every adaptable layer, those whose role the TP plan or the name gives)."""
+    leaves: dict[str, bool] = {}
     for name, module in model.named_modules():
-        if isinstance(module, nn.Linear):
-            return name
-    return "<none>"
+        if name and is_adaptable(getattr(module, "base_layer", module)) and not _is_adapter_part(name):
+            leaf = name.rsplit(".", 1)[-1]
+            leaves[leaf] = leaves.get(leaf, False) or _has_role(name, tp_plan)
+    return list(leaves), [leaf for leaf, known in leaves.items() if known]
+
+
+def _has_role(name: str, tp_plan) -> bool:
+    try:
+        role_of(name, tp_plan)
+    except ValueError:
+        return False
+    return True
 
 
 def check_plan_tp(plan: Plan, tp: int, whole_blocks: bool = True) -> None:

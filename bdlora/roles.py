@@ -3,20 +3,33 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from enum import Enum
 from typing import Any
 
-# transformers' TP styles that shard a linear layer the Megatron way.
-_STYLE_ROLES = {
+# transformers' TP styles that shard a linear layer the Megatron way (``parallel.styles.Layout``
+# adds how each places its input and output).
+STYLE_ROLES = {
     "colwise": "column",
     "local_colwise": "column",
+    "colwise_gather_output": "column",
+    "colwise_rep": "column",
+    "packed_colwise": "column",
     "rowwise": "row",
     "local_rowwise": "row",
+    "rowwise_split_input": "row",
+    "rowwise_rep": "row",
 }
+# Plan styles of linear layers that every rank holds whole (MLA's joint KV down-projection).
+REPLICATED_STYLES = frozenset({"mla_kv_a_proj", "replicated_with_grad_allreduce"})
 
-# Used only where a model config has no base_model_tp_plan.
+# Used only where a model config has no base_model_tp_plan. Packed q/k/v projections (GPT-2's
+# c_attn, GPT-NeoX's query_key_value) are column-parallel like q, k and v alone.
 _NAME_ROLES = {
     "column": (
+        "c_attn",
+        "query_key_value",
+        "dense_h_to_4h",
         "q_proj",
         "k_proj",
         "v_proj",
@@ -33,7 +46,7 @@ _NAME_ROLES = {
         "wk",
         "wv",
     ),
-    "row": ("o_proj", "down_proj", "out_proj", "dense", "fc2", "c_proj", "w2", "wo"),
+    "row": ("o_proj", "down_proj", "out_proj", "dense", "fc2", "c_proj", "w2", "wo", "dense_4h_to_h"),
 }
 
 
@@ -71,17 +84,19 @@ def plan_regexes(tp_plan: dict[str, str]) -> list[tuple[re.Pattern[str], str, st
 
 
 def planned_role(name: str, regexes: list[tuple[re.Pattern[str], str, str]]) -> tuple[Role, str] | None:
-    """(role, style) of ``name`` if the TP plan lists it, else None; UnsupportedTPStyle for a style
-    bdlora cannot shard (packed, gather, ...)."""
+    """(role, style) of ``name`` if the TP plan shards it, else None (unlisted, or kept whole);
+    UnsupportedTPStyle for a style bdlora cannot shard."""
     for regex, key, style in regexes:
         if regex.fullmatch(name):
-            if style not in _STYLE_ROLES:
+            if style in REPLICATED_STYLES:
+                return None
+            if style not in STYLE_ROLES:
                 raise UnsupportedTPStyle(
                     f"module {name!r} has TP style {style!r} (plan key {key!r}); bdlora supports "
-                    f"{', '.join(sorted(_STYLE_ROLES))}. Exclude it with patterns: "
+                    f"{', '.join(sorted(STYLE_ROLES))}. Exclude it with patterns: "
                     f"{{{name.rsplit('.', 1)[-1]!r}: None}} or force one with a 'role' override."
                 )
-            return Role(_STYLE_ROLES[style]), style
+            return Role(STYLE_ROLES[style]), style
     return None
 
 
@@ -102,3 +117,23 @@ def role_of(name: str, tp_plan: dict[str, str] | None) -> tuple[Role, str]:
         f"cannot tell whether module {name!r} is column- or row-parallel: the model config has no "
         f"base_model_tp_plan entry for it; add a 'role' override in patterns"
     )
+
+
+# Styles of modules other than linear layers, which bdlora leaves as they are.
+_OTHER_STYLES = frozenset({"embedding_rowwise", "embedding_colwise", "sequence_parallel"})
+
+
+def check_tp_plan(tp_plan: Any) -> dict[str, str]:
+    """A user-given TP plan as a plain dict, or a ValueError naming the bad key or style."""
+    if not isinstance(tp_plan, Mapping) or not tp_plan:
+        raise ValueError(
+            f"tp_plan must be a non-empty mapping of module pattern to TP style "
+            f'(e.g. {{"layers.*.mlp.fc_in": "colwise", "layers.*.mlp.fc_out": "rowwise"}}); got {tp_plan!r}'
+        )
+    valid = sorted(STYLE_ROLES) + sorted(REPLICATED_STYLES) + sorted(_OTHER_STYLES)
+    for key, style in tp_plan.items():
+        if not isinstance(key, str) or not key:
+            raise ValueError(f"tp_plan key {key!r}: a module pattern such as 'layers.*.self_attn.q_proj'")
+        if style not in valid:
+            raise ValueError(f"tp_plan[{key!r}] = {style!r} is not a TP style bdlora knows; valid: {valid}")
+    return {str(k): str(v) for k, v in tp_plan.items()}

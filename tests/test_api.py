@@ -10,13 +10,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 from transformers import AutoModelForCausalLM
 
 import bdlora
 from bdlora import BDLoraConfig, SavePretrainedError, apply_bdlora, merge_and_unload, parallelize
 from bdlora.cli import main as cli_main
 from bdlora.parallel.comm import TPGroup
-from bdlora.parallel.placement import BlockSpec, TPBlock, TPPlacementError, plan_blocks
+from bdlora.parallel.placement import (
+    BlockBoundary,
+    BlockSpec,
+    TPPlacementError,
+    activation_argument,
+    plan_blocks,
+)
 from bdlora.parallel.sharding import check_model_tp
 from bdlora.roles import Role
 from tests.conftest import logits, randomize_lora_b, tiny_model
@@ -144,7 +151,7 @@ def test_state_record_is_one_documented_object():
 
 
 def test_blocks_come_from_the_tp_plan():
-    blocks = check_model_tp(tiny_model(), 2)
+    blocks, _ = check_model_tp(tiny_model(), 2)
     assert blocks[:2] == [
         BlockSpec(
             "model.layers.0.self_attn",
@@ -182,17 +189,26 @@ def test_a_block_without_its_row_layer_is_an_error_naming_it():
         parallelize(model, _FakeMesh(2))
 
 
-def test_column_layers_fed_different_tensors_are_an_error_naming_the_module():
-    spec = BlockSpec("blk", ("blk.q", "blk.k"), "blk.o")
-    block = TPBlock(spec, TPGroup(None))
-    x, y = torch.ones(2, 4), torch.ones(2, 4)
-    assert block.enter("blk.q", x) is x
-    assert block.enter("blk.k", x) is x  # the same tensor: one f for the block
-    block.close()
-    block.enter("blk.q", x)
-    with pytest.raises(TPPlacementError, match=r"module 'blk\.k' .* different input tensor than 'blk\.q'"):
-        block.enter("blk.k", y)
-    block.enter("blk.q", y)  # a layer seen again starts a new pass (the last one ended early)
+def test_block_boundary_finds_the_activation_argument_or_names_the_module():
+    class ByName(nn.Module):
+        def forward(self, position_ids, hidden_states, mask=None):
+            return hidden_states
+
+    class NoPositional(nn.Module):
+        def forward(self, *, x):
+            return x
+
+    assert activation_argument(ByName(), "blk") == (1, "hidden_states")
+    assert activation_argument(nn.Linear(2, 2), "blk") == (0, "input")
+    with pytest.raises(TPPlacementError, match=r"module 'blk' \(NoPositional\) takes no positional"):
+        activation_argument(NoPositional(), "blk")
+    block = ByName()
+    BlockBoundary(BlockSpec("blk", ("blk.q",), "blk.o"), block, TPGroup(None))
+    x = torch.ones(2, 3)
+    assert torch.equal(block(torch.zeros(1), x), x)  # f and g are identities in a world of one
+    assert torch.equal(block(position_ids=None, hidden_states=x), x)
+    with pytest.raises(TPPlacementError, match=r"module 'blk' was called without .* 'hidden_states'"):
+        block(position_ids=None)
 
 
 def test_plan_tp_prints_where_f_and_g_run(capsys):

@@ -206,7 +206,10 @@ def test_no_module_left_is_an_error(tiny_llama):
 
 
 def test_target_matching_a_non_linear_leaf_is_an_error(tiny_llama):
-    with pytest.raises(BDLoraConfigError, match=r"'model.layers.0.input_layernorm'.*nn.Linear modules only"):
+    with pytest.raises(
+        BDLoraConfigError,
+        match=r"'model.layers.0.input_layernorm'.*nn.Linear and transformers Conv1D modules only",
+    ):
         resolve_plan(tiny_llama, BDLoraConfig(target_modules=["input_layernorm"]))
 
 
@@ -433,10 +436,10 @@ def test_roles_come_from_the_tp_plan(tiny_llama):
 
 def test_unsupported_tp_style_names_module_and_style(tiny_llama):
     tp_plan = dict(tiny_llama.config.base_model_tp_plan)
-    tp_plan["layers.*.mlp.up_proj"] = "packed_colwise"
+    tp_plan["layers.*.mlp.up_proj"] = "gather"
     tiny_llama.config.base_model_tp_plan = tp_plan
     with pytest.raises(
-        BDLoraConfigError, match=r"module 'model.layers.0.mlp.up_proj' has TP style 'packed_colwise'"
+        BDLoraConfigError, match=r"module 'model.layers.0.mlp.up_proj' has TP style 'gather'"
     ):
         resolve_plan(tiny_llama, BDLoraConfig())
     plan = resolve_plan(tiny_llama, BDLoraConfig(patterns={"up_proj": {"role": "column"}}))

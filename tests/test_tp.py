@@ -49,19 +49,14 @@ def gathered_adapter(model) -> dict[str, torch.Tensor]:
 
 
 def gathered_grads(model) -> dict[str, torch.Tensor]:
-    """Adapter gradients, all-gathered over TP along each factor's shard dimension."""
+    """Adapter gradients, joined to unsharded shape by each layer's sharding (every TP rank calls it)."""
     out = {}
     for name, layer in bdlora_layers(model):
-        style = layer.tp_style
-        dims = style.factor_dims[layer.role] if style is not None else (None, None)
-        for factor, dim in zip(("lora_A", "lora_B"), dims):
-            for adapter, param in getattr(layer, factor).items():
-                grad = param.grad.contiguous()
-                if dim is not None:
-                    parts = [torch.empty_like(grad) for _ in range(style.tp.size)]
-                    dist.all_gather(parts, grad, group=style.tp.group)
-                    grad = torch.cat(parts, dim)
-                out[f"{name}.{factor}.{adapter}"] = grad
+        for adapter in layer.lora_A:
+            grad_a, grad_b = layer.lora_A[adapter].grad, layer.lora_B[adapter].grad
+            if layer.tp_style is not None:
+                grad_a, grad_b = layer.tp_style.gather_pair(grad_a, grad_b)
+            out[f"{name}.lora_A.{adapter}"], out[f"{name}.lora_B.{adapter}"] = grad_a, grad_b
     return out
 
 

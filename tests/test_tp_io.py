@@ -15,7 +15,7 @@ from bdlora.parallel import parallelize
 from bdlora.parallel.checkpoint import load_sharded_adapter, save_sharded_adapter
 from bdlora.parallel.loading import from_pretrained
 from bdlora.parallel.mesh import ParallelDims, build_mesh, on_all_ranks
-from bdlora.parallel.sharding import check_model_tp, tp_linears
+from bdlora.parallel.sharding import check_model_tp, tp_layouts
 from bdlora.presets import build_model, preset_config
 from tests.conftest import randomize_lora_b, tiny_model
 from tests.distributed import run_distributed
@@ -124,7 +124,7 @@ def test_from_pretrained_reads_only_local_slices(model_dir, adapter_dir):
     load_adapter(reference, adapter_dir)
     with torch.no_grad():
         expected = reference(input_ids=IDS).logits
-    sharded = {f"{name}.weight" for name, _ in tp_linears(reference)}
+    sharded = {f"{name}.weight" for name in tp_layouts(reference)}
     with safe_open(str(Path(model_dir) / "model.safetensors"), "pt") as f:
         sizes = {k: f.get_slice(k).get_shape() for k in f.keys()}  # noqa: SIM118
     stored = {k: 4 * int(torch.Size(shape).numel()) for k, shape in sizes.items()}  # fp32
@@ -185,9 +185,9 @@ def test_unsupported_tp_style_names_module_and_style():
     model = tiny_model("tiny-llama")
     model.config.base_model_tp_plan = {
         **model.config.base_model_tp_plan,
-        "layers.*.mlp.gate_proj": "packed_colwise",
+        "layers.*.mlp.gate_proj": "gather",
     }
-    with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.gate_proj.*'packed_colwise'"):
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.gate_proj.*'gather'"):
         check_model_tp(model, 2)
 
 

@@ -3,8 +3,9 @@
 A directory holds ``adapter-tp{i}-of-{t}.safetensors`` for every TP rank ``i`` plus
 ``bdlora_shards.json`` (the config, ``t`` and the sharding mode); the trainer adds optimizer state
 as ``optim-tp{i}-of-{t}.safetensors`` the same way. It reloads at any TP degree that divides
-``nblocks``: each tensor is the concatenation of its shards along its shard dimension
-(``bdlora.parallel.styles``), and the new rank keeps its own slice of that.
+``nblocks``: each factor is joined from its shards by the sharding that split it
+(``bdlora.parallel.styles``; packed layers' segments are recorded), and the new rank keeps its own
+slice of that.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from bdlora.fsutil import write_file_atomic
 from bdlora.layers import BDLoraLinear
 from bdlora.model import adapters_of, add_adapter_, remove_adapter_
 from bdlora.parallel.parallelize import sharding_of, tp_of
+from bdlora.parallel.styles import LinearLayout, TPSharding, sharding_class
 
 META_NAME = "bdlora_shards.json"
 FACTORS = ("lora_A", "lora_B")
@@ -57,20 +59,34 @@ def open_shards(directory: Path, stem: str, size: int) -> Iterator[list]:
         ]
 
 
-def unshard(shards: list, key: str, dim: int | None) -> torch.Tensor:
-    """The full tensor ``key`` from all shards (``dim`` None: replicated, take the first)."""
-    if dim is None:
-        return shards[0].get_tensor(key)
-    return torch.cat([s.get_tensor(key) for s in shards], dim)
-
-
-def factor_items(model: nn.Module, adapter_name: str) -> Iterator[tuple[str, BDLoraLinear, str, int | None]]:
-    """(shard key ``<module>.<factor>``, layer, factor, shard dim) for every factor of an adapter."""
-    dims = sharding_of(model).factor_dims
+def packed_segments(model: nn.Module, adapter_name: str) -> dict[str, int]:
+    """Module -> packed segments, for the adapted modules whose shards are slices of each segment."""
+    out = {}
     for m in adapters_of(model)[adapter_name].plan.modules:
-        layer = model.get_submodule(m.name)
-        for factor, dim in zip(FACTORS, dims[layer.role]):
-            yield f"{m.name}.{factor}", layer, factor, dim
+        style = model.get_submodule(m.name).tp_style
+        if style is not None and style.layout.segments > 1:
+            out[m.name] = style.layout.segments
+    return out
+
+
+def layer_layout(layer: BDLoraLinear) -> LinearLayout:
+    return layer.tp_style.layout if layer.tp_style is not None else LinearLayout(layer.role)
+
+
+def full_factors(
+    shards: list, key: str, layout: LinearLayout, sharding: type[TPSharding], suffix: str = ""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Module ``key``'s unsharded (A, B), or factor-shaped state (``suffix``: ``.exp_avg``), read
+    from every rank's shard file."""
+    a_parts = [s.get_tensor(f"{key}.lora_A{suffix}") for s in shards]
+    b_parts = [s.get_tensor(f"{key}.lora_B{suffix}") for s in shards]
+    return sharding.unshard_factors(layout, a_parts, b_parts)
+
+
+def adapter_layers(model: nn.Module, adapter_name: str) -> Iterator[tuple[str, BDLoraLinear]]:
+    """(module name, layer) for every module an adapter adapts."""
+    for m in adapters_of(model)[adapter_name].plan.modules:
+        yield m.name, model.get_submodule(m.name)
 
 
 def save_sharded_adapter(
@@ -82,12 +98,17 @@ def save_sharded_adapter(
     tp, sharding = tp_of(model), sharding_of(model).name
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {key: getattr(layer, f)[adapter_name] for key, layer, f, _ in factor_items(model, adapter_name)}
+    tensors = {
+        f"{name}.{factor}": getattr(layer, factor)[adapter_name]
+        for name, layer in adapter_layers(model, adapter_name)
+        for factor in FACTORS
+    }
     save_shard_file(directory, "adapter", tensors, tp.rank, tp.size)
     if tp.rank == 0:
         meta = {
             "tp": tp.size,
             "sharding": sharding,
+            "packed_segments": packed_segments(model, adapter_name),
             "adapter_name": adapter_name,
             "config": adapters_of(model)[adapter_name].config.to_dict(),
         }
@@ -114,12 +135,11 @@ def restore_adapter_(model: nn.Module, directory: str | Path, adapter_name: str 
             + ", ".join(f"{k}={meta['config'].get(k)!r} (now {live[k]!r})" for k in changed)
             + "; resume with the checkpoint's settings"
         )
+    sharding, segments = sharding_class(meta["sharding"]), meta.get("packed_segments", {})
     with open_shards(Path(directory), "adapter", meta["tp"]) as shards:
-        full: dict[str, dict[str, torch.Tensor]] = {}
-        for key, _, factor, dim in factor_items(model, adapter_name):
-            full.setdefault(key.rpartition(".")[0], {})[factor] = unshard(shards, key, dim)
-        for name, factors in full.items():
-            model.get_submodule(name).set_factors(adapter_name, factors["lora_A"], factors["lora_B"])
+        for name, layer in adapter_layers(model, adapter_name):
+            layout = LinearLayout(layer.role, segments.get(name, 1))
+            layer.set_factors(adapter_name, *full_factors(shards, name, layout, sharding))
 
 
 def _check_sharding(meta: dict, model: nn.Module, directory) -> None:

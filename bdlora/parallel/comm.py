@@ -8,8 +8,9 @@ S-LoRA baseline, which needs the full rank dimension of a sharded activation.
 Sequence parallelism splits the activations between blocks along the sequence (dim 1 of
 ``(B, T, D)``): ``gather_seq`` replaces f (forward all-gather, backward reduce-scatter) and
 ``reduce_scatter_seq`` replaces g (forward reduce-scatter, backward all-gather), the same bytes as
-the all-reduces they stand for. ``gather_vocab`` assembles vocabulary-parallel logits for callers
-that want all of them (generation).
+the all-reduces they stand for. ``gather_last`` and ``split_last`` serve the TP plan's
+``colwise_gather_output`` / ``rowwise_split_input`` layers (and vocabulary-parallel logits);
+``once_in_sum`` lets a complete value join a row layer's partial sum.
 """
 
 from __future__ import annotations
@@ -135,10 +136,11 @@ class _ScatterSeq(torch.autograd.Function):
         return _all_gather_dim(grad, 1, ctx.group), None
 
 
-class _GatherVocab(torch.autograd.Function):
-    """forward: all-gather along the last dim (..., V/t) -> (..., V); backward: this rank's chunk.
+class _GatherLast(torch.autograd.Function):
+    """forward: all-gather along the last dim (..., k) -> (..., t*k) of a tensor whose consumers
+    then compute the same on every rank; backward: this rank's chunk of the (replicated) gradient.
 
-    Every rank then holds the same logits, so each one's gradient is already the whole gradient.
+    Assembles a ``colwise_gather_output`` layer's output, and vocabulary-parallel logits.
     """
 
     @staticmethod
@@ -149,6 +151,34 @@ class _GatherVocab(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         return grad.narrow(-1, ctx.rank * ctx.local, ctx.local), None
+
+
+class _SplitLast(torch.autograd.Function):
+    """forward: this rank's chunk of the last dim (..., t*k) -> (..., k) of a replicated tensor;
+    backward: all-gather of the chunks' gradients (``rowwise_split_input``)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+        ctx.group = group
+        t, rank = dist.get_world_size(group), dist.get_rank(group)
+        return x.chunk(t, -1)[rank].contiguous()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _all_gather_dim(grad, grad.dim() - 1, ctx.group), None
+
+
+class _OnceInSum(torch.autograd.Function):
+    """forward: ``x`` on TP rank 0, zeros elsewhere, so a complete value joins a partial sum once;
+    backward: identity (every rank receives the summed output's gradient)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+        return x if dist.get_rank(group) == 0 else torch.zeros_like(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None
 
 
 def gather_seq(x: torch.Tensor, tp: TPGroup) -> torch.Tensor:
@@ -163,8 +193,16 @@ def reduce_scatter_seq(x: torch.Tensor, tp: TPGroup) -> torch.Tensor:
     return x if tp.size == 1 else _ReduceScatterSeq.apply(x, tp.group)
 
 
-def gather_vocab(x: torch.Tensor, tp: TPGroup) -> torch.Tensor:
-    return x if tp.size == 1 else _GatherVocab.apply(x, tp.group)
+def gather_last(x: torch.Tensor, tp: TPGroup) -> torch.Tensor:
+    return x if tp.size == 1 else _GatherLast.apply(x, tp.group)
+
+
+def split_last(x: torch.Tensor, tp: TPGroup) -> torch.Tensor:
+    return x if tp.size == 1 else _SplitLast.apply(x, tp.group)
+
+
+def once_in_sum(x: torch.Tensor, tp: TPGroup) -> torch.Tensor:
+    return x if tp.size == 1 else _OnceInSum.apply(x, tp.group)
 
 
 def copy_to_tp(x: torch.Tensor, tp: TPGroup) -> torch.Tensor:
@@ -217,14 +255,14 @@ def mean_over(tensor: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Te
     return sum_over(tensor, group) / dist.get_world_size(group)
 
 
-def gather_along(local: torch.Tensor, dim: int | None, tp: TPGroup) -> torch.Tensor:
-    """The unsharded tensor from every rank's shard along ``dim`` (None: replicated, a copy)."""
+def gather_parts(local: torch.Tensor, dim: int | None, tp: TPGroup) -> list[torch.Tensor]:
+    """Every rank's shard of a tensor split along ``dim``, in rank order (None: replicated, one copy)."""
     local = local.detach().contiguous()
     if dim is None or tp.size == 1:
-        return local.clone()
+        return [local.clone()]
     parts = [torch.empty_like(local) for _ in range(tp.size)]
     dist.all_gather(parts, local, group=tp.group)
-    return torch.cat(parts, dim)  # shards concatenated in rank order
+    return parts
 
 
 def average_(tensors: list[torch.Tensor], group: dist.ProcessGroup | None) -> None:

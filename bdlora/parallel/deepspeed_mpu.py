@@ -53,8 +53,8 @@ def mark_tp_sharded(model: nn.Module) -> int:
     for module in model.modules():
         if not isinstance(module, BDLoraLinear) or module.tp_style is None:
             continue
-        for store, dim in zip((module.lora_A, module.lora_B), module.tp_style.factor_dims[module.role]):
+        for store, sharded in zip((module.lora_A, module.lora_B), module.tp_style.sharded_factors()):
             for param in store.values():
-                param.tensor_model_parallel = dim is not None
-                marked += dim is not None
+                param.tensor_model_parallel = sharded
+                marked += sharded
     return marked

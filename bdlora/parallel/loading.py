@@ -7,6 +7,8 @@ rank reads only its own slices of the safetensors files (``safe_open(...).get_sl
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -15,7 +17,6 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from bdlora.config import BDLoraConfig
-from bdlora.layers import BDLoraLinear
 from bdlora.model import apply_bdlora
 from bdlora.parallel.mesh import on_all_ranks
 from bdlora.parallel.parallelize import parallelize
@@ -30,6 +31,7 @@ def from_pretrained(
     mesh: DeviceMesh | None = None,
     dtype: torch.dtype = torch.float32,
     sharding: str = "bdlora",
+    tp_plan: dict[str, str] | None = None,
     vocab_parallel: bool = False,
     sequence_parallel: bool = False,
     adapter_dir: str | Path | None = None,
@@ -40,10 +42,12 @@ def from_pretrained(
 ) -> nn.Module:
     """A causal LM from a local Hugging Face directory (safetensors), parallelized over ``mesh``.
 
-    The model is built on the meta device, ``bdlora.parallelize``d (``sharding``,
-    ``vocab_parallel``, ``sequence_parallel``, ``activation_checkpointing``), allocated at its
-    local size, and each rank reads only its own slices of the checkpoint (with ``vocab_parallel``,
-    only its rows of the embedding and LM head). ``adapter_config`` adds a fresh adapter, seeded
+    The model is built with its parameters on the meta device, ``bdlora.parallelize``d
+    (``sharding``, ``tp_plan``, ``vocab_parallel``, ``sequence_parallel``,
+    ``activation_checkpointing``), allocated at its local size, and each rank reads only its own
+    slices of the checkpoint (with ``vocab_parallel``, only its rows of the embedding and LM head).
+    Buffers are computed by the modules themselves (rotary tables, embedding scales); a tensor
+    neither read nor computed is an error naming it. ``adapter_config`` adds a fresh adapter, seeded
     by ``seed`` so every TP degree draws the same factors; ``adapter_dir`` loads a PEFT-format
     adapter instead. Every check (paths, TP degree, the adapter's patterns) runs before any weight
     is read.
@@ -52,15 +56,16 @@ def from_pretrained(
     """
     layout = dict(
         sharding=sharding,
+        tp_plan=tp_plan,
         vocab_parallel=vocab_parallel,
         sequence_parallel=sequence_parallel,
         activation_checkpointing=activation_checkpointing,
         data_parallel=data_parallel,
     )
     model = on_all_ranks(_build_meta, Path(model_dir), adapter_config, adapter_dir, mesh, dtype, layout)
-    model.to_empty(device=device)
-    on_all_ranks(_load_base, model, Path(model_dir), dtype)
-    _reset_non_persistent_buffers(model, device)
+    computed = _materialize(model, device)
+    loaded = on_all_ranks(_load_base, model, Path(model_dir), dtype)
+    on_all_ranks(check_initialized, model, loaded | computed)
     if adapter_dir is not None:
         from bdlora.peft_io import load_adapter
 
@@ -81,7 +86,7 @@ def _build_meta(model_dir: Path, adapter_config, adapter_dir, mesh, dtype, layou
     if not weight_files(model_dir):
         raise FileNotFoundError(f"{model_dir}: no *.safetensors weights")
     config = AutoConfig.from_pretrained(model_dir)
-    with torch.device("meta"):
+    with parameters_on_meta():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     parallelize(model, mesh, **layout)  # validates TP against heads and dimensions first
     if adapter_dir is not None:
@@ -102,17 +107,57 @@ def weight_files(model_dir: Path) -> list[Path]:
     return sorted(model_dir.glob("*.safetensors"))
 
 
-def _shard_dim(module: nn.Module, param_name: str) -> int | None:
-    """Which dim of a checkpoint tensor this rank slices (None: it reads all of it)."""
-    if not isinstance(module, BDLoraLinear) or module.tp_style is None:
-        return None
-    weight_dim, bias_dim = module.tp_style.base_dims[module.role]
-    return weight_dim if param_name == "weight" else bias_dim
+@contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Modules built inside have their parameters on the meta device and their buffers real.
+
+    Parameters are read from the checkpoint later; buffers are computed by the modules' own
+    constructors (rotary frequencies, embedding scales, masks), exactly as transformers computes
+    them, whatever the model. Parameter initialisation then runs on meta tensors, at no cost.
+    """
+    register = nn.Module.register_parameter
+
+    def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None and not param.is_meta:
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def _materialize(model: nn.Module, device: str | torch.device) -> set[str]:
+    """Allocate every meta tensor of ``model`` on ``device`` and keep the buffers its modules
+    computed; returns the names of those buffers."""
+    computed = {name: buf for name, buf in model.named_buffers() if not buf.is_meta}
+    model.to_empty(device=device)
+    with torch.no_grad():
+        for name, buf in model.named_buffers():
+            if name in computed:
+                buf.copy_(computed[name])
+    return set(computed)
+
+
+def check_initialized(model: nn.Module, initialized: set[str]) -> None:
+    """Refuse a model with a base tensor neither read from the checkpoint nor computed."""
+    names = [name for name, _ in model.named_parameters(remove_duplicate=False)]
+    names += [name for name, _ in model.named_buffers(remove_duplicate=False)]
+    left = [n for n in names if ".lora_" not in n and n not in initialized]
+    if left:
+        raise RuntimeError(
+            f"{len(left)} tensor(s) of {type(model).__name__} were neither read from the checkpoint "
+            f"nor computed by their module, so they hold uninitialised memory: {left[:5]}. The "
+            f"checkpoint does not match the model its config builds"
+        )
 
 
 @torch.no_grad()
-def _load_base(model: nn.Module, model_dir: Path, dtype: torch.dtype) -> None:
-    """Copy each rank's slice of every base weight from the checkpoint into the local tensors.
+def _load_base(model: nn.Module, model_dir: Path, dtype: torch.dtype) -> set[str]:
+    """Copy each rank's slice of every base weight from the checkpoint into the local tensors;
+    returns the names of the tensors read (tied ones included).
 
     safetensors slices are views into an mmap of the whole file, and a column slice (rowwise layers)
     touches every page of its tensor; one handle per tensor unmaps those pages before the next read,
@@ -122,51 +167,37 @@ def _load_base(model: nn.Module, model_dir: Path, dtype: torch.dtype) -> None:
     for path in weight_files(model_dir):
         with safe_open(str(path), framework="pt") as handle:
             where.update(dict.fromkeys(handle.keys(), path))  # noqa: SIM118  (safe_open has no iter)
-    missing = []
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    missing, read = [], set()
     for name, tensor in model.state_dict(keep_vars=True).items():
-        if ".lora_" in name:
-            continue
         key = name.replace(".base_layer.", ".")
-        if key not in where:
-            if not _is_tied(model, key):
-                missing.append(key)
+        if ".lora_" in name or (key not in where and key in tied):
             continue
-        owner_name, _, p_name = key.rpartition(".")
-        owner = model.get_submodule(owner_name)
+        if key not in where:
+            missing.append(key)
+            continue
         with safe_open(str(where[key]), framework="pt") as handle:
-            if isinstance(owner, (VocabParallelEmbedding, VocabParallelLMHead)):
-                local = owner.shard.take(handle.get_slice(key))  # padding rows stay zero
-            else:
-                local = _read_slice(handle, key, _shard_dim(owner, p_name), _tp_of(owner))
-            tensor.data.copy_(local.to(dtype))
+            local = _read_local(model, handle, key)
+        if local.shape != tensor.shape:
+            raise ValueError(
+                f"{model_dir}: checkpoint tensor {key!r} gives this rank {tuple(local.shape)}, the "
+                f"model holds {tuple(tensor.shape)}: the checkpoint does not match its config.json"
+            )
+        tensor.data.copy_(local.to(dtype))
+        read.add(id(tensor))
     if missing:
         raise KeyError(f"{model_dir}: checkpoint lacks {len(missing)} weights, e.g. {missing[:3]}")
     model.tie_weights()
+    return {name for name, t in model.state_dict(keep_vars=True).items() if id(t) in read}
 
 
-def _is_tied(model: nn.Module, key: str) -> bool:
-    return key == "lm_head.weight" and getattr(model.config, "tie_word_embeddings", False)
-
-
-def _tp_of(module: nn.Module) -> tuple[int, int]:
-    style = getattr(module, "tp_style", None)
-    return (0, 1) if style is None else (style.tp.rank, style.tp.size)
-
-
-def _read_slice(handle, key: str, dim: int | None, tp: tuple[int, int]) -> torch.Tensor:
-    view = handle.get_slice(key)
-    if dim is None:
-        return view[:]
-    rank, world = tp
-    size = view.get_shape()[dim] // world
-    start = rank * size
-    return view[start : start + size] if dim == 0 else view[:, start : start + size]
-
-
-def _reset_non_persistent_buffers(model: nn.Module, device) -> None:
-    """Rotary tables are computed, not stored: rebuild them from the config on the real device."""
-    for module in model.modules():
-        if type(module).__name__.endswith("RotaryEmbedding"):
-            fresh = type(module)(config=model.config)
-            for name, buf in fresh.named_buffers(recurse=False):
-                getattr(module, name).copy_(buf.to(device))
+def _read_local(model: nn.Module, handle, key: str) -> torch.Tensor:
+    """This rank's part of checkpoint tensor ``key``: its shard where the owning module is sharded."""
+    owner_name, _, p_name = key.rpartition(".")
+    owner = model.get_submodule(owner_name)
+    if isinstance(owner, (VocabParallelEmbedding, VocabParallelLMHead)):
+        return owner.shard.take(handle.get_slice(key))  # padding rows stay zero
+    style = getattr(owner, "tp_style", None)
+    if style is None:
+        return handle.get_tensor(key)  # whole, 0-dim scalars included
+    return style.read_base(owner, p_name, handle.get_slice(key))

@@ -21,12 +21,13 @@ from bdlora.config import BDLoraConfig
 from bdlora.parallel.comm import TPGroup
 from bdlora.parallel.data_parallel import GradientAverager, skip_grad_sync
 from bdlora.parallel.mesh import check_in, on_all_ranks
-from bdlora.parallel.placement import BlockSpec, TPBlock, format_blocks
+from bdlora.parallel.placement import BlockBoundary, BlockSpec, format_blocks
 from bdlora.parallel.sequence import SequenceParallel, apply_sequence_parallel_, decoder_parts
 from bdlora.parallel.sharding import check_model_tp, shard_tp_
-from bdlora.parallel.styles import BDLoraTP, sharding_class
+from bdlora.parallel.styles import BDLoraTP, LinearLayout, TPSharding, sharding_class
 from bdlora.parallel.vocab import VocabShard, check_vocab_parallel, shard_vocab_
 from bdlora.plan import Plan
+from bdlora.roles import check_tp_plan
 from bdlora.state import state_of
 
 
@@ -34,15 +35,17 @@ from bdlora.state import state_of
 class ParallelState:
     """How a model was parallelized (``model.bdlora_state.parallel``).
 
-    ``tp``: the TP group and this rank's place in it; ``sharding``: the TP style class
-    (``BDLoraTP`` or ``SLoraTP``); ``blocks``: where f and g run; ``dp_group``: the group adapter
-    gradients are averaged over (None at DP 1).
+    ``tp``: the TP group and this rank's place in it; ``sharding_class``: the adapter sharding
+    (``BDLoraTP`` or ``SLoraTP``); ``blocks``: the boundaries where f and g run; ``layouts``: the
+    sharded linear layers' layouts; ``dp_group``: the group adapter gradients are averaged over
+    (None at DP 1).
     """
 
     mesh: DeviceMesh | None
     tp: TPGroup
-    sharding_class: type[BDLoraTP]
-    blocks: list[TPBlock] = field(default_factory=list)
+    sharding_class: type[TPSharding]
+    blocks: list[BlockBoundary] = field(default_factory=list)
+    layouts: dict[str, LinearLayout] = field(default_factory=dict)
     dp_group: dist.ProcessGroup | None = None
     dp_rank: int = 0
     dp_size: int = 1
@@ -71,7 +74,7 @@ class ParallelState:
         return self.sharding_class.adapter_config(config)
 
     def check_plan(self, plan: Plan) -> None:
-        self.sharding_class.check_plan(plan, self.tp.size)
+        self.sharding_class.check_plan(plan, self.tp.size, self.layouts)
 
     def call_on_every_rank(self, op: str, fn: Callable[..., Any], *args: Any) -> Any:
         """Run ``fn`` as a call every rank makes: all ranks must enter it (``check_in``), and a
@@ -92,6 +95,7 @@ def parallelize(
     mesh: DeviceMesh | None = None,
     *,
     sharding: str = "bdlora",
+    tp_plan: dict[str, str] | None = None,
     vocab_parallel: bool = False,
     sequence_parallel: bool = False,
     activation_checkpointing: bool = False,
@@ -112,7 +116,9 @@ def parallelize(
 
     ``mesh``: a ``DeviceMesh`` with a ``tp`` and optionally a ``dp`` dimension
     (``bdlora.parallel.build_mesh``), or None for one process. ``sharding``: ``"bdlora"``, or
-    ``"slora"`` for the dense S-LoRA baseline. ``data_parallel=False`` leaves step 3 to another
+    ``"slora"`` for the dense S-LoRA baseline. ``tp_plan``: module pattern -> TP style, in the form
+    of transformers' ``base_model_tp_plan``, for a model whose config has none (or to replace it);
+    it becomes the config's plan. ``data_parallel=False`` leaves step 3 to another
     engine (DeepSpeed's ZeRO). Everything is validated before any weight moves.
     Issues no collective itself; replicas must start from equal weights (``apply_bdlora`` draws the
     same factors on every rank from the same seed).
@@ -122,7 +128,9 @@ def parallelize(
     if state.parallel is not None:
         raise ValueError("the model is already parallelized; build a fresh model to change its layout")
     tp_size = _tp_size(mesh)
-    blocks = check_model_tp(model, tp_size, cls) if tp_size > 1 else []
+    if tp_plan is not None:
+        model.config.base_model_tp_plan = check_tp_plan(tp_plan)
+    blocks, layouts = check_model_tp(model, tp_size, cls) if tp_size > 1 else ([], {})
     _check_vocab_sequence(model, cls, vocab_parallel, sequence_parallel)
     if activation_checkpointing and not hasattr(model, "activation_checkpointing_enable"):
         raise ValueError(
@@ -130,12 +138,13 @@ def parallelize(
             f"activation_checkpointing_enable"
         )
     tp, dp_group, dp_rank, dp_size = _mesh_groups(mesh)
-    parallel = ParallelState(mesh, tp, cls, dp_group=dp_group, dp_rank=dp_rank, dp_size=dp_size)
-    parallel.blocks = shard_tp_(model, tp, cls, blocks) if blocks else []
+    parallel = ParallelState(mesh, tp, cls, layouts=layouts, dp_group=dp_group)
+    parallel.dp_rank, parallel.dp_size = dp_rank, dp_size
+    parallel.blocks = shard_tp_(model, tp, cls, blocks, layouts) if blocks else []
     if vocab_parallel and tp.size > 1:
         parallel.vocab = shard_vocab_(model, tp, defer_reduce=sequence_parallel)
     if sequence_parallel and tp.size > 1:
-        parallel.sequence = apply_sequence_parallel_(model, tp, [b.spec.name for b in parallel.blocks])
+        parallel.sequence = apply_sequence_parallel_(model, tp)
         for block in parallel.blocks:
             block.sequence = parallel.sequence
     if activation_checkpointing:
@@ -147,7 +156,7 @@ def parallelize(
     return model
 
 
-def _check_vocab_sequence(model: nn.Module, cls: type[BDLoraTP], vocab: bool, sequence: bool) -> None:
+def _check_vocab_sequence(model: nn.Module, cls: type[TPSharding], vocab: bool, sequence: bool) -> None:
     if vocab:
         check_vocab_parallel(model)
     if not sequence:
@@ -209,6 +218,6 @@ def tp_of(model: nn.Module) -> TPGroup:
     return TPGroup(None) if parallel is None else parallel.tp
 
 
-def sharding_of(model: nn.Module) -> type[BDLoraTP]:
+def sharding_of(model: nn.Module) -> type[TPSharding]:
     parallel = state_of(model).parallel
     return BDLoraTP if parallel is None else parallel.sharding_class

@@ -1,33 +1,37 @@
-"""Where Megatron's f and g operators run, read from the model's TP plan.
+"""Where Megatron's f and g operators run: one boundary per block, read from the model's TP plan.
 
 A *block* is one parent module of the plan's linear layers (``self_attn``, ``mlp``): its
-column-parallel layers read one replicated input, and its one row-parallel layer closes it.
+column-parallel layers read the block's replicated input, and its one row-parallel layer's partial
+sums are its output. ``BlockBoundary`` applies f to the block's activation argument (found once,
+from the module's signature) and g to its output; the linear layers inside compute only locally.
 
-=====  ===========================================  ==============================  =========
-op     where                                        forward                         backward
-=====  ===========================================  ==============================  =========
-f      the input the block's column layers share    identity                        all-reduce
-g      inside the row layer, after its adapter's    all-reduce of the partial sums  identity
-       partial output joined the base's
-=====  ===========================================  ==============================  =========
+=====  ================  ==========================================  =================================
+op     where             forward                                     backward
+=====  ================  ==========================================  =================================
+f      block input       identity (sequence parallel: all-gather)    all-reduce (reduce-scatter)
+g      block output      all-reduce of the partial sums (sequence    identity (all-gather)
+                         parallel: reduce-scatter)
+=====  ================  ==========================================  =================================
 
-f is applied to the tensor the first column layer of a pass receives, and handed to the block's
-other column layers when they receive that same tensor: nothing guesses which argument of a
-parent module's forward holds the activation. A layout bdlora cannot place unambiguously (a parent
-with two row layers, column layers without a row layer beside them, column layers of one block fed
-different tensors) is an error naming the module.
+The adapters' partials are inside the row layer's partial sum before g runs, so they add nothing.
+Layers between f and g that are not in the plan run whole on every rank (an MLA down-projection,
+a per-head norm): their partial input gradients are summed by f with the rest. A layout bdlora
+cannot place unambiguously (a parent with two row layers, column layers without a row layer beside
+them) is an error naming the module.
 """
 
 from __future__ import annotations
 
+import inspect
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 
 from bdlora.config import BDLoraConfigError
-from bdlora.parallel.comm import TPGroup, copy_to_tp, reduce_from_tp
+from bdlora.parallel.comm import TPGroup, copy_to_tp, gather_seq, reduce_from_tp, reduce_scatter_seq
 from bdlora.roles import Role
 
 if TYPE_CHECKING:
@@ -93,8 +97,8 @@ def format_blocks(blocks: list[BlockSpec], tp: int, sharding: str = "bdlora") ->
         grouped.setdefault(key, []).append(int(match.group(1)) if match else -1)
     lines = [
         f"TP communication at tp={tp}, placed from base_model_tp_plan (one block per parent module):",
-        "  f = copy_to_tp on the input its column layers share: forward identity, backward all-reduce",
-        "  g = reduce_from_tp in the block's row layer, after the adapter's partial: forward all-reduce",
+        "  f = copy_to_tp on the block's input: forward identity, backward all-reduce",
+        "  g = reduce_from_tp on the block's output, the adapter's partial included: forward all-reduce",
     ]
     rows = []
     for (template, columns, row), layers in grouped.items():
@@ -118,53 +122,65 @@ def _ranges(numbers: list[int]) -> str:
     return ",".join(spans)
 
 
-@dataclass
-class TPBlock:
-    """A block at run time: applies f once per pass to the input its column layers share.
+class BlockBoundary:
+    """f before one block module and g after it, as forward hooks on that module.
 
-    A pass opens when a column layer arrives with no pass open, or when one arrives that has already
-    run in the open pass (the previous pass ended early, e.g. an exception or recomputation that
-    stopped before the row layer); the row layer closes it and drops the cached tensors. While
-    sequence parallelism is active, f and g run at the block module's boundary instead
-    (``sequence.SequenceParallel``) and the block passes its tensors through unchanged.
+    ``sequence``: while its pass is split along the sequence, f gathers and g reduce-scatters.
     """
 
-    spec: BlockSpec
-    tp: TPGroup
-    sequence: SequenceParallel | None = None  # while active, f and g run at the block's boundary
-    _input: torch.Tensor | None = field(default=None, repr=False)
-    _output: torch.Tensor | None = field(default=None, repr=False)
-    _seen: set[str] = field(default_factory=set, repr=False)
-
-    def enter(self, layer_name: str, x: torch.Tensor) -> torch.Tensor:
-        """``f(x)`` for column layer ``layer_name``; the same tensor for the whole pass."""
-        if self._input is None or layer_name in self._seen:
-            self._input, self._output, self._seen = x, self._f(x), set()
-        elif x is not self._input:
-            first = next(iter(self._seen))
-            raise TPPlacementError(
-                f"module {layer_name!r} (column-parallel, block {self.spec.name!r}) received a different "
-                f"input tensor than {first!r} in the same pass. bdlora applies one f (copy_to_tp) per "
-                f"block, to the input its column layers share; this architecture feeds them different "
-                f"tensors, so its TP plan cannot be sharded as one block"
-            )
-        self._seen.add(layer_name)
-        return self._output
-
-    def exit(self, partial: torch.Tensor) -> torch.Tensor:
-        """``g(partial)`` for the row layer, which closes the pass; with the sequence split, the
-        partial itself (the block module's output is reduce-scattered by ``SequenceParallel``)."""
-        out = partial if self.split() else reduce_from_tp(partial, self.tp)
-        self.close()
-        return out
+    def __init__(self, spec: BlockSpec, module: nn.Module, tp: TPGroup) -> None:
+        self.spec, self.tp = spec, tp
+        self.sequence: SequenceParallel | None = None
+        self.position, self.arg_name = activation_argument(module, spec.name)
+        module.register_forward_pre_hook(self._enter, with_kwargs=True)
+        module.register_forward_hook(self._exit)
 
     def split(self) -> bool:
-        """Whether this pass runs sequence-parallel: the block's input arrives all-gathered."""
         return self.sequence is not None and self.sequence.active
 
-    def _f(self, x: torch.Tensor) -> torch.Tensor:
-        return x if self.split() else copy_to_tp(x, self.tp)
+    def _enter(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if len(args) > self.position:
+            x = args[self.position]
+            args = (*args[: self.position], self._f(x), *args[self.position + 1 :])
+        elif self.arg_name in kwargs:
+            kwargs = {**kwargs, self.arg_name: self._f(kwargs[self.arg_name])}
+        else:
+            raise TPPlacementError(
+                f"module {self.spec.name!r} was called without its activation argument "
+                f"{self.arg_name!r}, so f (copy_to_tp) has nothing to act on"
+            )
+        return args, kwargs
 
-    def close(self) -> None:
-        self._input = self._output = None
-        self._seen = set()
+    def _f(self, x: torch.Tensor) -> torch.Tensor:
+        return gather_seq(x, self.tp) if self.split() else copy_to_tp(x, self.tp)  # (B, T, D)
+
+    def _g(self, partial: torch.Tensor) -> torch.Tensor:
+        return reduce_scatter_seq(partial, self.tp) if self.split() else reduce_from_tp(partial, self.tp)
+
+    def _exit(self, module: nn.Module, args: tuple, output):
+        if isinstance(output, torch.Tensor):
+            return self._g(output)
+        if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
+            return (self._g(output[0]), *output[1:])  # attention: (output, weights)
+        raise TPPlacementError(
+            f"module {self.spec.name!r} returned {type(output).__name__}; bdlora sums a block's partial "
+            f"output (g) when it is a tensor or a tuple starting with one"
+        )
+
+
+def activation_argument(module: nn.Module, name: str) -> tuple[int, str]:
+    """(position, name) of a block module's activation: ``hidden_states``, else its first argument."""
+    params = [
+        p
+        for p in inspect.signature(module.forward).parameters.values()
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
+    for position, param in enumerate(params):
+        if param.name == "hidden_states":
+            return position, param.name
+    if not params:
+        raise TPPlacementError(
+            f"module {name!r} ({type(module).__name__}) takes no positional argument, so bdlora cannot "
+            f"tell which holds the block's activation for f; its forward needs a `hidden_states` argument"
+        )
+    return 0, params[0].name

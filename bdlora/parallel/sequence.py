@@ -29,6 +29,7 @@ from torch import nn
 
 from bdlora.config import BDLoraConfigError
 from bdlora.parallel.comm import TPGroup, gather_seq, reduce_from_tp, reduce_scatter_seq, scatter_seq
+from bdlora.parallel.placement import activation_argument
 from bdlora.parallel.vocab import VocabParallelEmbedding, VocabParallelLMHead
 
 
@@ -71,62 +72,24 @@ def decoder_parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     return layers[0], norm
 
 
-def _hidden_arg(block: str, args: tuple, kwargs: dict) -> torch.Tensor:
-    """A block module's activation: its first positional argument, or ``hidden_states=``."""
-    if args and isinstance(args[0], torch.Tensor):
-        return args[0]
-    if isinstance(kwargs.get("hidden_states"), torch.Tensor):
-        return kwargs["hidden_states"]
-    raise BDLoraConfigError(
-        f"sequence_parallel=True: module {block!r} was called without its activation as the first "
-        f"argument or as hidden_states=, so bdlora cannot gather it along the sequence"
-    )
-
-
-def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
-    if args and isinstance(args[0], torch.Tensor):
-        return (hidden, *args[1:]), kwargs
-    return args, {**kwargs, "hidden_states": hidden}
-
-
-def _split_block(module: nn.Module, name: str, sequence: SequenceParallel) -> None:
-    """f and g of one block at the module's boundary: the block's own code (attention reshapes by
-    its input's length) must see the whole sequence."""
-
-    def gather_input(mod, args, kwargs):
-        if not sequence.active:
-            return None
-        hidden = gather_seq(_hidden_arg(name, args, kwargs), sequence.tp)  # (B, T, D)
-        return _with_hidden(args, kwargs, hidden)
-
-    def scatter_output(mod, args, kwargs, output):
-        if not sequence.active:
-            return None
-        if isinstance(output, tuple):  # attention: (output, weights)
-            return (reduce_scatter_seq(output[0], sequence.tp), *output[1:])
-        return reduce_scatter_seq(output, sequence.tp)  # (B, T/t, D)
-
-    module.register_forward_pre_hook(gather_input, with_kwargs=True)
-    module.register_forward_hook(scatter_output, with_kwargs=True)
-
-
-def apply_sequence_parallel_(model: nn.Module, tp: TPGroup, blocks: list[str]) -> SequenceParallel:
-    """Split the sequence at the first decoder layer's input, gather it around each block (the
-    modules named in ``blocks``), and gather it again at the final norm."""
+def apply_sequence_parallel_(model: nn.Module, tp: TPGroup) -> SequenceParallel:
+    """Split the sequence at the first decoder layer's input and gather it again at the final norm;
+    the blocks' boundaries (``placement.BlockBoundary``) gather and scatter around each block."""
     first, norm = decoder_parts(model)
     embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
     if not isinstance(embedding, VocabParallelEmbedding) or not isinstance(head, VocabParallelLMHead):
         raise BDLoraConfigError("sequence_parallel=True needs vocab_parallel=True")
     sequence = SequenceParallel(tp, embedding)
 
+    position, arg_name = activation_argument(first, "the first decoder layer")
+
     def enter(module, args, kwargs):
-        if args:
-            return (sequence.enter(args[0], module.training), *args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": sequence.enter(kwargs["hidden_states"], module.training)}
+        if len(args) > position:
+            hidden = sequence.enter(args[position], module.training)
+            return (*args[:position], hidden, *args[position + 1 :]), kwargs
+        return args, {**kwargs, arg_name: sequence.enter(kwargs[arg_name], module.training)}
 
     first.register_forward_pre_hook(enter, with_kwargs=True)
-    for name in blocks:
-        _split_block(model.get_submodule(name), name, sequence)
     norm.register_forward_hook(lambda module, args, output: sequence.exit(output))
     head.sequence = sequence
     return sequence

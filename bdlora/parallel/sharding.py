@@ -1,9 +1,9 @@
 """Shard a built model's base weights and adapters over a TP group, Megatron-style.
 
-``shard_tp_`` applies the model config's ``base_model_tp_plan``: every linear layer it lists keeps
-only its shard (colwise: output rows, rowwise: input columns), its adapters keep their shards
-(``styles.BDLoraTP.factor_dims``), and each layer gets a TP style that runs f or g for its block
-(``placement``). ``bdlora.parallelize`` is the public entry point.
+``shard_tp_`` applies the model's TP plan (``base_model_tp_plan``, or one the caller gives): every
+linear layer it lists keeps only its shard (``styles.LinearLayout``), its adapters keep theirs (the
+sharding scheme's placement, ``styles.TPSharding``), and each block gets one boundary that runs f
+and g (``placement.BlockBoundary``). ``bdlora.parallelize`` is the public entry point.
 """
 
 from __future__ import annotations
@@ -13,36 +13,71 @@ import math
 from torch import nn
 
 from bdlora.config import BDLoraConfigError
-from bdlora.layers import BDLoraLinear
+from bdlora.layers import BDLoraLinear, is_adaptable
 from bdlora.model import adapters_of, wrap_linear
 from bdlora.parallel.comm import TPGroup
-from bdlora.parallel.placement import BlockSpec, TPBlock, plan_blocks
-from bdlora.parallel.styles import BDLoraTP, take_shard
-from bdlora.roles import Role, plan_regexes, planned_role
+from bdlora.parallel.placement import BlockBoundary, BlockSpec, plan_blocks
+from bdlora.parallel.styles import PLAN_STYLES, BDLoraTP, LinearLayout, TPSharding
+from bdlora.roles import REPLICATED_STYLES, plan_regexes
 
 
-def tp_linears(model: nn.Module) -> list[tuple[str, Role]]:
-    """(name, role) of every linear layer the model's ``base_model_tp_plan`` shards."""
+def tp_plan_of(model: nn.Module) -> dict[str, str]:
     tp_plan = getattr(getattr(model, "config", None), "base_model_tp_plan", None)
     if not tp_plan:
         raise BDLoraConfigError(
-            f"{type(model).__name__} has no base_model_tp_plan in its config: bdlora reads the TP "
-            f"layout from it (Llama, Mistral, Qwen2 and SmolLM2 have one)"
+            f"{type(model).__name__} has no TP plan: its config has no base_model_tp_plan. Give one with "
+            f"tp_plan= (trainer: parallel.tp_plan), mapping module patterns to styles, e.g. "
+            f'{{"layers.*.attn.q": "colwise", "layers.*.attn.o": "rowwise"}}; styles: '
+            f"{', '.join(sorted(PLAN_STYLES))}"
         )
-    regexes = plan_regexes(tp_plan)
-    out = []
+    return tp_plan
+
+
+def tp_layouts(model: nn.Module) -> dict[str, LinearLayout]:
+    """LinearLayout of every linear layer the model's TP plan shards (layers it keeps whole left out)."""
+    regexes = plan_regexes(tp_plan_of(model))
+    out = {}
     for name, module in model.named_modules():
-        if not isinstance(module, (nn.Linear, BDLoraLinear)) or name.endswith("base_layer"):
+        if name.endswith("base_layer") or not (is_adaptable(module) or isinstance(module, BDLoraLinear)):
             continue
-        planned = planned_role(name, regexes)
-        if planned is not None:
-            out.append((name, planned[0]))
+        for regex, key, style in regexes:
+            if regex.fullmatch(name):
+                if style in REPLICATED_STYLES:  # whole on every rank; f sums its input gradient
+                    break
+                if style not in PLAN_STYLES:
+                    raise BDLoraConfigError(
+                        f"module {name!r} has TP style {style!r} (plan key {key!r}), which bdlora cannot "
+                        f"shard; supported: {', '.join(sorted(PLAN_STYLES))}"
+                    )
+                if not isinstance(_base(module), nn.Linear):
+                    raise BDLoraConfigError(
+                        f"module {name!r} is a {type(_base(module)).__name__}; bdlora TP-shards nn.Linear "
+                        f"layers only (train it at TP 1)"
+                    )
+                out[name] = LinearLayout.from_style(style)
+                break
     return out
 
 
-def check_model_tp(model: nn.Module, tp: int, sharding: type[BDLoraTP] = BDLoraTP) -> list[BlockSpec]:
+def _base(module: nn.Module) -> nn.Module:
+    return module.base_layer if isinstance(module, BDLoraLinear) else module
+
+
+def check_model_tp(
+    model: nn.Module, tp: int, sharding: type[TPSharding] = BDLoraTP
+) -> tuple[list[BlockSpec], dict[str, LinearLayout]]:
     """Validate that ``model`` (and its adapters) shard evenly over ``tp`` ranks and that every
-    f/g operator has one place; returns the blocks."""
+    f/g operator has one place; returns the blocks and the linear layers' layouts."""
+    _check_heads(model, tp)
+    layouts = tp_layouts(model)
+    for name, layout in layouts.items():
+        _check_linear(model.get_submodule(name), name, layout, tp, sharding)
+    for record in adapters_of(model).values():
+        sharding.check_plan(record.plan, tp, layouts)
+    return plan_blocks([(name, layout.role) for name, layout in layouts.items()]), layouts
+
+
+def _check_heads(model: nn.Module, tp: int) -> None:
     heads = {k: getattr(model.config, k, None) for k in ("num_attention_heads", "num_key_value_heads")}
     heads = {k: v for k, v in heads.items() if v is not None}
     for key, value in heads.items():
@@ -53,21 +88,19 @@ def check_model_tp(model: nn.Module, tp: int, sharding: type[BDLoraTP] = BDLoraT
                 f"Valid TP degrees (dividing {' and '.join(f'{k}={v}' for k, v in heads.items())}): "
                 f"{[d for d in range(1, common + 1) if common % d == 0]}"
             )
-    linears = tp_linears(model)
-    for name, role in linears:
-        _check_linear(model.get_submodule(name), name, role, tp, sharding)
-    for record in adapters_of(model).values():
-        sharding.check_plan(record.plan, tp)
-    return plan_blocks(linears)
 
 
-def _check_linear(layer: nn.Module, name: str, role: Role, tp: int, sharding: type[BDLoraTP]) -> None:
+def _check_linear(
+    layer: nn.Module, name: str, layout: LinearLayout, tp: int, sharding: type[TPSharding]
+) -> None:
+    role = layout.role
     d_out, d_in = layer.global_shape if isinstance(layer, BDLoraLinear) else tuple(layer.weight.shape)
-    split_name, split = ("d_out", d_out) if role is Role.COLUMN else ("d_in", d_in)
-    if split % tp:
+    split_name, split = ("d_out", d_out) if role.value == "column" else ("d_in", d_in)
+    if split % (tp * layout.segments):
+        packed = f" in {layout.segments} packed segments" if layout.segments > 1 else ""
         raise BDLoraConfigError(
             f"module {name!r} ({role.value}-parallel): {split_name}={split} is not divisible by the "
-            f"TP degree {tp}"
+            f"TP degree {tp}{packed}"
         )
     if not isinstance(layer, BDLoraLinear) or not layer.lora_A:
         return
@@ -80,26 +113,29 @@ def _check_linear(layer: nn.Module, name: str, role: Role, tp: int, sharding: ty
 
 
 def shard_tp_(
-    model: nn.Module, tp: TPGroup, sharding: type[BDLoraTP], blocks: list[BlockSpec]
-) -> list[TPBlock]:
-    """Shard ``model`` in place over ``tp`` (validated by ``check_model_tp``); returns the run-time blocks."""
-    live = []
+    model: nn.Module,
+    tp: TPGroup,
+    sharding: type[TPSharding],
+    blocks: list[BlockSpec],
+    layouts: dict[str, LinearLayout],
+) -> list[BlockBoundary]:
+    """Shard ``model`` in place over ``tp`` (validated by ``check_model_tp``); returns the boundaries."""
+    boundaries = []
     for spec in blocks:
-        block = TPBlock(spec, tp)
-        live.append(block)
+        boundaries.append(BlockBoundary(spec, model.get_submodule(spec.name), tp))
         for name in (*spec.columns, spec.row):
-            _shard_linear(model, name, sharding(name, tp, block))
-    return live
+            _shard_linear(model, name, sharding(name, tp, layouts[name]))
+    return boundaries
 
 
-def _shard_linear(model: nn.Module, name: str, style: BDLoraTP) -> None:
-    role = Role.ROW if name == style.block.spec.row else Role.COLUMN
-    module = wrap_linear(model, name, role)
-    base, tp = module.base_layer, style.tp
-    weight_dim, bias_dim = style.base_dims[role]
-    base.weight = nn.Parameter(take_shard(base.weight.data, weight_dim, tp).clone(), requires_grad=False)
-    if base.bias is not None:
-        base.bias = nn.Parameter(take_shard(base.bias.data, bias_dim, tp).clone(), requires_grad=False)
+def _shard_linear(model: nn.Module, name: str, style: TPSharding) -> None:
+    module = wrap_linear(model, name, style.layout.role)
+    base = module.base_layer
+    for p_name in ("weight", "bias"):
+        param = getattr(base, p_name)
+        if param is not None:
+            local = style.read_base(module, p_name, param.data).clone()
+            setattr(base, p_name, nn.Parameter(local, requires_grad=False))
     for adapter in module.lora_A:
         a_local, b_local = style.shard_factors(
             module, module.lora_A[adapter].data, module.lora_B[adapter].data

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bdlora.config import BDLoraConfigError
-from bdlora.parallel.comm import TPGroup, copy_to_tp, gather_vocab, max_over, reduce_from_tp, sum_over
+from bdlora.parallel.comm import TPGroup, copy_to_tp, gather_last, max_over, reduce_from_tp, sum_over
 
 if TYPE_CHECKING:
     from bdlora.parallel.sequence import SequenceParallel
@@ -120,7 +120,7 @@ class VocabParallelLMHead(nn.Module):
         logits_local = F.linear(x, self.weight)  # (B, T, V/t)
         if self.local_logits:
             return logits_local
-        return gather_vocab(logits_local, self.shard.tp)[..., : self.shard.vocab_size]  # (B, T, V)
+        return gather_last(logits_local, self.shard.tp)[..., : self.shard.vocab_size]  # (B, T, V)
 
     def extra_repr(self) -> str:
         s = self.shard

@@ -40,16 +40,18 @@ from torch import nn
 
 from bdlora.fsutil import write_file_atomic
 from bdlora.parallel.checkpoint import (
-    factor_items,
+    FACTORS,
+    adapter_layers,
+    full_factors,
     open_shards,
+    read_shard_meta,
     restore_adapter_,
     save_shard_file,
     save_sharded_adapter,
-    unshard,
 )
 from bdlora.parallel.comm import broadcast_object
 from bdlora.parallel.mesh import on_all_ranks
-from bdlora.parallel.styles import take_shard
+from bdlora.parallel.styles import LinearLayout, sharding_class
 from bdlora.train.context import RunContext
 from bdlora.train.deepspeed_engine import full_parameters
 
@@ -243,11 +245,12 @@ class Checkpointer:
 
     def _moments(self, model: nn.Module, optimizer) -> dict[str, torch.Tensor]:
         out = {}
-        for key, layer, factor, _ in factor_items(model, self.adapter):
-            state = optimizer.state.get(getattr(layer, factor)[self.adapter], {})
-            for moment in MOMENTS:
-                if moment in state:
-                    out[f"{key}.{moment}"] = state[moment]
+        for name, layer in adapter_layers(model, self.adapter):
+            for factor in FACTORS:
+                state = optimizer.state.get(getattr(layer, factor)[self.adapter], {})
+                for moment in MOMENTS:
+                    if moment in state:
+                        out[f"{name}.{factor}.{moment}"] = state[moment]
         return out
 
     def _prune(self) -> None:
@@ -320,18 +323,21 @@ class Checkpointer:
     def _restore_moments(self, path: Path, state: dict, model: nn.Module, optimizer) -> None:
         if state["adam_step"] is None:
             return
+        meta = read_shard_meta(path)
+        sharding, segments = sharding_class(meta["sharding"]), meta.get("packed_segments", {})
+        step = torch.tensor(float(state["adam_step"]))
         with open_shards(path, "optim", state["tp"]) as shards:
-            for key, layer, factor, dim in factor_items(model, self.adapter):
-                param = getattr(layer, factor)[self.adapter]
-                optimizer.state[param] = {
-                    "step": torch.tensor(float(state["adam_step"])),
-                    **{
-                        m: take_shard(unshard(shards, f"{key}.{m}", dim), dim, self.ctx.tp)
-                        .clone()
-                        .to(param.device)
-                        for m in MOMENTS
-                    },
-                }
+            for name, layer in adapter_layers(model, self.adapter):
+                layout = LinearLayout(layer.role, segments.get(name, 1))
+                moments = {m: full_factors(shards, name, layout, sharding, f".{m}") for m in MOMENTS}
+                if layer.tp_style is not None:
+                    moments = {m: layer.tp_style.shard_factors(layer, *ab) for m, ab in moments.items()}
+                for i, factor in enumerate(FACTORS):
+                    param = getattr(layer, factor)[self.adapter]
+                    optimizer.state[param] = {
+                        "step": step.clone(),
+                        **{m: ab[i].clone().to(param.device) for m, ab in moments.items()},
+                    }
 
 
 def _adam_step(optimizer) -> float | None:

@@ -37,9 +37,9 @@ from bdlora.data import format_pair
 from bdlora.layers import dense_factors, global_factor_shapes
 from bdlora.model import merge_and_unload
 from bdlora.parallel import from_pretrained, parallelize
-from bdlora.parallel.checkpoint import load_sharded_adapter, open_shards, read_shard_meta, unshard
+from bdlora.parallel.checkpoint import full_factors, load_sharded_adapter, open_shards, read_shard_meta
 from bdlora.parallel.loading import weight_files
-from bdlora.parallel.styles import sharding_class
+from bdlora.parallel.styles import LinearLayout, sharding_class
 from bdlora.peft_io import save_adapter
 from bdlora.plan import Plan, resolve_plan
 from bdlora.presets import build_model as build_preset
@@ -156,14 +156,12 @@ def adapter_plan(model_dir: Path, checkpoint: Path) -> tuple[Plan, str]:
 
 def _full_factors(checkpoint: Path, plan: Plan, sharding: str) -> dict[str, tuple[torch.Tensor, ...]]:
     """Module name -> unsharded (A, B) as stored (block-diagonal factor packed), shape-checked."""
-    tp = read_shard_meta(checkpoint)["tp"]
+    meta = read_shard_meta(checkpoint)
+    segments, cls = meta.get("packed_segments", {}), sharding_class(sharding)
     out = {}
-    cls = sharding_class(sharding)
-    with open_shards(checkpoint, "adapter", tp) as shards:
+    with open_shards(checkpoint, "adapter", meta["tp"]) as shards:
         for m in plan.modules:
-            dim_a, dim_b = cls.factor_dims[m.role]
-            a = unshard(shards, f"{m.name}.lora_A", dim_a)
-            b = unshard(shards, f"{m.name}.lora_B", dim_b)
+            a, b = full_factors(shards, m.name, LinearLayout(m.role, segments.get(m.name, 1)), cls)
             want = global_factor_shapes(m.role, m.d_in, m.d_out, m.rank, plan.global_nblocks)
             if (tuple(a.shape), tuple(b.shape)) != want:
                 raise ExportError(
@@ -199,7 +197,9 @@ def merge_streaming(model_dir: str | Path, checkpoint: str | Path, out: str | Pa
             for key in [k for k in header if k in pending]:
                 m = pending.pop(key)
                 a, b = dense_factors(m.role, *(t.float() for t in factors[m.name]), plan.global_nblocks)
-                data = _read_tensor(src, key).float().addmm_(b, a, alpha=m.settings.scale)  # (d_out, d_in)
+                data = _read_tensor(src, key).float()  # (d_out, d_in); Conv1D: (d_in, d_out)
+                base = data.t() if m.fan_in_fan_out else data
+                base.addmm_(b, a, alpha=m.settings.scale)  # in place, through the view
                 _write_tensor(dst, data_start, header[key], data, where=f"{src}: {key!r}")
     if pending:
         raise ExportError(

@@ -48,9 +48,8 @@ def sharded_params(model: nn.Module) -> set[int]:
     for _, layer in bdlora_layers(model):
         if layer.tp_style is None:
             continue
-        dim_a, dim_b = layer.tp_style.factor_dims[layer.role]
-        for store, dim in ((layer.lora_A, dim_a), (layer.lora_B, dim_b)):
-            out.update(id(p) for p in store.values() if dim is not None)
+        for store, sharded in zip((layer.lora_A, layer.lora_B), layer.tp_style.sharded_factors()):
+            out.update(id(p) for p in store.values() if sharded)
     return out
 
 
