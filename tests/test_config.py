@@ -438,9 +438,7 @@ def test_unsupported_tp_style_names_module_and_style(tiny_llama):
     tp_plan = dict(tiny_llama.config.base_model_tp_plan)
     tp_plan["layers.*.mlp.up_proj"] = "gather"
     tiny_llama.config.base_model_tp_plan = tp_plan
-    with pytest.raises(
-        BDLoraConfigError, match=r"module 'model.layers.0.mlp.up_proj' has TP style 'gather'"
-    ):
+    with pytest.raises(BDLoraConfigError, match=r"module 'model.layers.0.mlp.up_proj' has TP style 'gather'"):
         resolve_plan(tiny_llama, BDLoraConfig())
     plan = resolve_plan(tiny_llama, BDLoraConfig(patterns={"up_proj": {"role": "column"}}))
     assert plan["model.layers.0.mlp.up_proj"].role_source == "pattern 'up_proj'"
