@@ -58,6 +58,50 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
             vocab_size=152064,
         ),
     ),
+    # google/gemma-3-27b-pt's text_config: 32 x 128 query dims (4096), not the hidden size 5376
+    "gemma-3-27b": (
+        "gemma3_text",
+        dict(
+            hidden_size=5376,
+            intermediate_size=21504,
+            num_hidden_layers=62,
+            num_attention_heads=32,
+            num_key_value_heads=16,
+            head_dim=128,
+            vocab_size=262208,
+            query_pre_attn_scalar=168,
+            sliding_window=1024,
+            tie_word_embeddings=True,
+        ),
+    ),
+    "qwen3-32b": (
+        "qwen3",
+        dict(
+            hidden_size=5120,
+            intermediate_size=25600,
+            num_hidden_layers=64,
+            num_attention_heads=64,
+            num_key_value_heads=8,
+            head_dim=128,
+            vocab_size=151936,
+            max_position_embeddings=40960,
+            tie_word_embeddings=False,
+        ),
+    ),
+    # microsoft/Phi-3-medium-4k-instruct: packed qkv_proj and gate_up_proj, head_dim 5120 / 40 = 128
+    "phi-3-medium": (
+        "phi3",
+        dict(
+            hidden_size=5120,
+            intermediate_size=17920,
+            num_hidden_layers=40,
+            num_attention_heads=40,
+            num_key_value_heads=10,
+            vocab_size=32064,
+            max_position_embeddings=4096,
+            tie_word_embeddings=False,
+        ),
+    ),
 }
 
 

@@ -62,13 +62,25 @@ ARCHS: dict[str, dict] = {
     "olmo2": {},
     "smollm3": {},
     "exaone4": dict(sliding_window=8, layer_types=["sliding_attention", "full_attention"]),
+    # multi-head latent attention: q and kv down-projections kept whole on every rank
+    # (mla_kv_a_proj), their up-projections column-parallel; both layers dense (experts: MoE)
+    "deepseek_v3": dict(
+        q_lora_rank=32,
+        kv_lora_rank=16,
+        num_key_value_heads=4,  # MLA: as many as heads
+        head_dim=8,  # = qk_rope_head_dim, which the rotary table is sized by
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=8,
+        v_head_dim=16,
+        first_k_dense_replace=2,
+    ),
 }
 ADAPTER_SEED = 0  # from_pretrained's default seed, which draws A
 TOL = dict(atol=1e-5, rtol=1e-5)
 
 
 def tiny_config(model_type: str) -> PretrainedConfig:
-    return AutoConfig.for_model(model_type, **TINY, **ARCHS[model_type])
+    return AutoConfig.for_model(model_type, **{**TINY, **ARCHS[model_type]})
 
 
 def adapter_config(model_dir: str) -> bdlora.BDLoraConfig:

@@ -83,7 +83,22 @@ def test_adapter_matches_single_process(request, tp, arch):
             assert_close(res["grads"][name], grad, f"rank {rank} grad of {name}")
 
 
-@pytest.mark.parametrize(("tp", "arch"), CASES)
+# PEFT 0.21.2 maps an adapter's target names through transformers' MoE weight conversion for
+# DeepSeek-V3, so adapters on its dense MLP (gate/up/down_proj) do not load there (attention ones do,
+# exactly); strict, so the case fails once PEFT loads them.
+PEFT_MOE_RENAMING = pytest.mark.xfail(
+    reason="PEFT 0.21.2 renames DeepSeek-V3's MLP targets through the MoE conversion", strict=True
+)
+
+
+@pytest.mark.parametrize(
+    ("tp", "arch"),
+    [
+        pytest.param(tp, arch, id=f"tp{tp}-{arch}", marks=PEFT_MOE_RENAMING if arch == "deepseek_v3" else ())
+        for tp in (1, 2)
+        for arch in archs.ARCHS
+    ],
+)
 def test_peft_loads_saved_adapter(model_dirs, request, tp, arch):
     results = rank_results(request, tp, arch)
     peft_logits = archs.peft_logits(model_dirs[arch], results[0]["adapter_dir"])

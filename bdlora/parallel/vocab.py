@@ -245,6 +245,12 @@ def check_vocab_parallel(model: nn.Module) -> tuple[nn.Embedding, nn.Linear]:
             f"vocab_parallel=True shards an nn.Embedding and an nn.Linear LM head; {name} has "
             f"{type(embedding).__name__} and {type(head).__name__}"
         )
+    if type(embedding).forward is not nn.Embedding.forward:
+        raise BDLoraConfigError(
+            f"vocab_parallel=True replaces the embedding by a plain vocabulary-sharded lookup; {name}'s "
+            f"{type(embedding).__name__} has a forward of its own (Gemma's scales by embed_scale), which "
+            f"would be lost. Train it with vocab_parallel=False"
+        )
     if head.bias is not None:
         raise BDLoraConfigError(
             f"vocab_parallel=True: {name}'s LM head has a bias, which bdlora does not shard"

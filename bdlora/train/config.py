@@ -18,6 +18,7 @@ from typing import Any
 from bdlora.config import DEFAULT_TARGETS, INIT_STRATEGIES, UNMATCHED_ACTIONS, BDLoraConfig
 from bdlora.parallel.styles import SHARDINGS
 from bdlora.peft_io import FORMATS
+from bdlora.roles import check_tp_plan
 from bdlora.train.data import DataConfig
 
 
@@ -94,6 +95,10 @@ class AdapterConfig:
 
 @dataclass
 class ParallelConfig:
+    """How the model is split over the mesh. ``tp_plan``: module pattern -> TP style, the form of
+    transformers' ``base_model_tp_plan`` (``{layers.*.mlp.gate_up_proj: packed_colwise}``); it replaces
+    the model config's own plan whole (list every layer to shard), None keeps that plan."""
+
     tp: int = 1
     dp: int | None = None  # inferred: world_size / tp
     sharding: Sharding = Sharding.bdlora  # or slora: the dense-LoRA baseline
@@ -101,6 +106,7 @@ class ParallelConfig:
     activation_checkpointing: bool = False
     vocab_parallel: bool = False  # embedding, LM head and loss sharded along the vocabulary
     sequence_parallel: bool = False  # activations between blocks split along T (needs vocab_parallel)
+    tp_plan: Any = None  # untyped: OmegaConf cannot merge a mapping into a typed null dict
 
 
 @dataclass
@@ -236,7 +242,14 @@ def check_ranges(cfg: TrainConfig) -> None:
 
 
 def check_layout(parallel: ParallelConfig, seq_len: int | None) -> None:
-    """Sequence parallelism's requirements, checked before anything is built."""
+    """The TP plan's styles and sequence parallelism's requirements, checked before anything is built."""
+    if parallel.tp_plan is not None:
+        try:
+            check_tp_plan(parallel.tp_plan)
+        except ValueError as err:
+            message = str(err)  # "tp_plan[...] = ...", or a sentence
+            where = "parallel." if message.startswith("tp_plan") else "parallel.tp_plan: "
+            raise TrainConfigError(f"{where}{message}") from None
     if not parallel.sequence_parallel:
         return
     if not parallel.vocab_parallel:

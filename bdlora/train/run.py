@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
@@ -14,9 +15,10 @@ import yaml
 from bdlora.parallel.mesh import on_all_ranks
 from bdlora.peft_io import save_adapter
 from bdlora.plan import Plan
+from bdlora.roles import role_of
 from bdlora.state import state_of
 from bdlora.train import deepspeed_engine as ds
-from bdlora.train.checkpoint import Checkpointer
+from bdlora.train.checkpoint import STATE, Checkpointer
 from bdlora.train.config import CheckpointConfig, TrainConfig, TrainConfigError, check_layout, plain
 from bdlora.train.context import RunContext, build_context
 from bdlora.train.data import build_loaders, fit_seq_len
@@ -67,7 +69,14 @@ def run(
     plan = adapter_record.plan
     on_all_ranks(lambda: _write_plan(ctx, plan) if ctx.is_main else None)
     checkpointer = Checkpointer(ctx, cfg.checkpoint.keep_last, engine=engine)
-    start = _resume(cfg.checkpoint, checkpointer, model, optimizer, scheduler, train_loader, ctx)
+    check_plan = partial(
+        check_resumed_plan,
+        tp_plan=cfg.parallel.tp_plan,
+        own_plan=model_config.base_model_tp_plan,
+        plan=plan,
+        deepspeed=engine is not None,
+    )
+    start = _resume(cfg.checkpoint, checkpointer, check_plan, model, optimizer, scheduler, train_loader, ctx)
     logger = on_all_ranks(MetricsLogger, cfg.logger, ctx.run_dir, cfg.steps, ctx.is_main, config_dict, start)
     evaluate = (lambda: trainer.evaluate(lambda: iter(eval_loader))) if eval_loader else dict
     initial_eval = evaluate() if start == 0 and cfg.eval_every > 0 else {}
@@ -171,7 +180,14 @@ def _due(step: int, every: int, total: int) -> bool:
 
 
 def _resume(
-    cfg: CheckpointConfig, checkpointer: Checkpointer, model, optimizer, scheduler, loader, ctx: RunContext
+    cfg: CheckpointConfig,
+    checkpointer: Checkpointer,
+    check_plan: Callable[[Path], None],
+    model,
+    optimizer,
+    scheduler,
+    loader,
+    ctx: RunContext,
 ) -> int:
     if cfg.resume == "never":
         return 0
@@ -180,9 +196,42 @@ def _resume(
     if path is None:
         ctx.print0(f"resume=auto: no complete checkpoint under {checkpointer.root}; starting at step 0")
         return 0
+    on_all_ranks(check_plan, path)
     state = on_all_ranks(checkpointer.restore, path, model, optimizer, scheduler, loader)
     ctx.print0(f"resumed from {path} at step {state['step']} (saved at tp={state['tp']})")
     return int(state["step"])
+
+
+def check_resumed_plan(
+    checkpoint: Path, tp_plan: dict | None, own_plan: dict | None, plan: Plan, deepspeed: bool
+) -> None:
+    """A resume may change ``parallel.tp_plan`` where it may change ``parallel.tp``: the native engine
+    reshards exactly (the checkpoint records each packed module's segments), while DeepSpeed's ZeRO
+    state holds each rank's shards as the saved plan laid them out. A plan that moves an adapted
+    module between column and row moves its block-diagonal factor: another adapter, refused like a
+    changed ``adapter.*`` setting. ``own_plan``: the model config's, which a null setting means."""
+    state = json.loads((checkpoint / STATE).read_text())
+    saved_setting = state.get("config", {}).get("parallel", {}).get("tp_plan")
+    saved = saved_setting or own_plan
+    if saved == (tp_plan or own_plan):
+        return
+    if deepspeed:
+        raise TrainConfigError(
+            f"{checkpoint} was saved with parallel.tp_plan={saved_setting!r} (now {tp_plan!r}); a DeepSpeed "
+            f"checkpoint holds each rank's shards as its plan laid them out: resume with that plan, or with "
+            f"parallel.engine=native (which reshards between plans)"
+        )
+    moved = []
+    for m in plan.modules:  # a pattern's role override and dense factors (nblocks=1) ignore the plan
+        was = m.role if m.settings.role is not None or m.global_nblocks == 1 else role_of(m.name, saved)[0]
+        if was is not m.role:
+            moved.append(f"{m.name} ({was.value} -> {m.role.value})")
+    if moved:
+        raise TrainConfigError(
+            f"{checkpoint} was saved with parallel.tp_plan={saved_setting!r}; the plan now given moves "
+            f"{', '.join(moved)}, and with it the block-diagonal factor: that is another adapter. Resume "
+            f"with the saved plan, or give these modules their saved role"
+        )
 
 
 def _step_metrics(result: StepResult, ctx: RunContext) -> dict:

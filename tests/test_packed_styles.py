@@ -1,0 +1,120 @@
+"""Packed projections and whole-output styles at TP 2 against one process, and what they communicate.
+
+GLM-4 runs its own plan (``gate_up_proj`` colwise_gather_output, ``down_proj`` rowwise_split_input)
+and a user plan that shards the packed ``gate_up_proj`` segment by segment (``packed_colwise``,
+``down_proj`` rowwise): each rank then holds its slice of gate and of up, and BD-LoRA's B blocks
+follow the segments. Phi-3 packs q, k, v and gate, up, all gathered. In every layout the loss,
+logits and adapter gradients equal the single-process reference, PEFT loads the adapter saved from
+the sharded model with the reference's logits, and the adapter adds no collective.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+from transformers import AutoModelForCausalLM
+
+import bdlora
+import tests.architectures as archs
+from bdlora.parallel import ParallelDims, build_mesh
+from bdlora.parallel.accounting import CommCounter
+from tests.distributed import run_distributed
+
+pytestmark = pytest.mark.slow
+
+GLM_PACKED_PLAN = {
+    "layers.*.self_attn.q_proj": "colwise",
+    "layers.*.self_attn.k_proj": "colwise",
+    "layers.*.self_attn.v_proj": "colwise",
+    "layers.*.self_attn.o_proj": "rowwise",
+    "layers.*.mlp.gate_up_proj": "packed_colwise",
+    "layers.*.mlp.down_proj": "rowwise",
+}
+# (case, architecture, user TP plan or None for the config's own)
+CASES = {"glm4": ("glm4", None), "glm4-packed": ("glm4", GLM_PACKED_PLAN), "phi3": ("phi3", None)}
+TARGETS = ["q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+# nblocks 4: a packed layer of 2 segments at TP 2 needs a multiple of 4
+ADAPTER = bdlora.BDLoraConfig(rank=8, alpha=16, nblocks=4, target_modules=TARGETS)
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("packed")
+    dirs = {}
+    for arch in ("glm4", "phi3"):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(archs.tiny_config(arch), dtype=torch.float32)
+        model.save_pretrained(root / arch)
+        dirs[arch] = str(root / arch)
+    return dirs
+
+
+def step(model_dir: str, tp_plan, adapter: bool, mesh=None) -> dict:
+    """One train step of a seeded adapter (or none), with the TP collectives it issued."""
+    config = ADAPTER if adapter else None
+    model = bdlora.from_pretrained(model_dir, config, mesh=mesh, tp_plan=tp_plan, seed=archs.ADAPTER_SEED)
+    if adapter:
+        archs.randomize_adapter(model)
+    model.get_input_embeddings().weight.requires_grad_(True)  # the same backward with and without
+    ids = archs.batch()
+    with CommCounter({"tp": None if mesh is None else mesh.get_group("tp")}) as comm:
+        out = model.train()(input_ids=ids, labels=ids)
+        out.loss.backward()
+    return {
+        "loss": out.loss.item(),
+        "logits": out.logits.detach(),
+        "grads": archs.gathered_grads(model),
+        "comm": comm.summary().get("tp", {"count": 0, "ops": {}}),
+    }
+
+
+def sharded(model_dirs: dict[str, str], adapter_root: str) -> dict[str, dict]:
+    mesh = build_mesh(ParallelDims(dist.get_world_size(), tp=2))
+    out = {}
+    for case, (arch, tp_plan) in CASES.items():
+        out[case] = step(model_dirs[arch], tp_plan, adapter=True, mesh=mesh)
+        out[case]["base_comm"] = step(model_dirs[arch], tp_plan, adapter=False, mesh=mesh)["comm"]
+        model = bdlora.from_pretrained(model_dirs[arch], ADAPTER, mesh=mesh, tp_plan=tp_plan)
+        archs.randomize_adapter(model)
+        bdlora.save_adapter(model, f"{adapter_root}/{case}")
+    return out
+
+
+@pytest.fixture(scope="module")
+def tp2(model_dirs, tmp_path_factory) -> dict[str, dict]:
+    root = tmp_path_factory.mktemp("packed_adapters")
+    return {"root": str(root), "ranks": run_distributed(sharded, 2, model_dirs, str(root))}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_sharded_step_matches_one_process(model_dirs, tp2, case):
+    arch, _ = CASES[case]
+    ref = step(model_dirs[arch], None, adapter=True)
+    for rank, res in enumerate(tp2["ranks"]):
+        torch.testing.assert_close(res[case]["loss"], ref["loss"], **archs.TOL, msg=f"rank {rank} loss")
+        torch.testing.assert_close(res[case]["logits"], ref["logits"], **archs.TOL)
+        assert res[case]["grads"].keys() == ref["grads"].keys()
+        for name, grad in ref["grads"].items():
+            torch.testing.assert_close(res[case]["grads"][name], grad, **archs.TOL, msg=name)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_peft_loads_the_adapter_saved_at_tp2(model_dirs, tp2, case):
+    arch, _ = CASES[case]
+    reference = bdlora.from_pretrained(model_dirs[arch], ADAPTER, seed=archs.ADAPTER_SEED)
+    archs.randomize_adapter(reference)
+    expected = archs.eval_logits(reference, archs.batch())
+    got = archs.peft_logits(model_dirs[arch], f"{tp2['root']}/{case}")
+    torch.testing.assert_close(got, expected, **archs.TOL)
+
+
+def test_adapters_add_no_collective_and_packing_drops_the_gathers(tp2):
+    layers = 2
+    for res in tp2["ranks"]:
+        for case in CASES:
+            assert res[case]["comm"] == res[case]["base_comm"], case
+        gathered, packed = res["glm4"]["comm"]["ops"], res["glm4-packed"]["comm"]["ops"]
+        # per layer: the MLP's output all-gather and its input split's backward all-gather go away
+        assert gathered["all_gather"] - packed.get("all_gather", 0) == 2 * layers
+        assert gathered["all_reduce"] == packed["all_reduce"]  # f and g of every block, as before
