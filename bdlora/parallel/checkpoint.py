@@ -109,6 +109,7 @@ def save_sharded_adapter(
             "tp": tp.size,
             "sharding": sharding,
             "packed_segments": packed_segments(model, adapter_name),
+            "tp_plan": getattr(model.config, "base_model_tp_plan", None),  # the roles it was trained with
             "adapter_name": adapter_name,
             "config": adapters_of(model)[adapter_name].config.to_dict(),
         }

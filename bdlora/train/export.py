@@ -116,12 +116,13 @@ def open_run(path: str | Path) -> TrainedRun:
 
 def load_model(run: TrainedRun, model_dir: Path | None, adapter: bool = True) -> nn.Module:
     """The base model at TP 1 as the trainer built it, with the checkpoint's adapter unless told not."""
-    sharding = read_shard_meta(run.checkpoint)["sharding"]
+    meta = read_shard_meta(run.checkpoint)
+    layout = dict(sharding=meta["sharding"], tp_plan=meta.get("tp_plan"))  # the run's roles
     dtype = getattr(torch, run.model.dtype)
     if model_dir is None:
-        model = parallelize(build_preset(run.model.name, seed=run.model.seed).to(dtype), sharding=sharding)
+        model = parallelize(build_preset(run.model.name, seed=run.model.seed).to(dtype), **layout)
     else:
-        model = from_pretrained(model_dir, dtype=dtype, sharding=sharding)
+        model = from_pretrained(model_dir, dtype=dtype, **layout)
         model.config.name_or_path = str(model_dir)  # PEFT's base_model_name_or_path
     if adapter:
         load_sharded_adapter(model, run.checkpoint)
@@ -151,6 +152,8 @@ def adapter_plan(model_dir: Path, checkpoint: Path) -> tuple[Plan, str]:
     meta = read_shard_meta(checkpoint)
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+    if meta.get("tp_plan"):  # a run's own parallel.tp_plan decides its modules' roles
+        skeleton.config.base_model_tp_plan = meta["tp_plan"]
     return resolve_plan(skeleton, BDLoraConfig.from_dict(meta["config"])), meta["sharding"]
 
 
