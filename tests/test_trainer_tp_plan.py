@@ -21,6 +21,7 @@ from bdlora.train.config import ModelConfig, TrainConfig, TrainConfigError, chec
 from bdlora.train.context import RunContext
 from bdlora.train.modeling import build_model, parallel_layout
 from bdlora.train.run import check_resumed_plan
+from tests.architectures import tiny_config
 from tests.test_train import by_step, compose_train, output_of, read_metrics, train
 
 GLM4_OWN_PLAN = AutoConfig.for_model("glm4").base_model_tp_plan
@@ -38,20 +39,7 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"]
 @pytest.fixture(scope="module")
 def glm4_dir(tmp_path_factory) -> Path:
     """A tiny GLM-4 saved as a hub checkpoint would be (byte vocabulary, so ``model.tokenizer=bytes``)."""
-    config = AutoConfig.for_model(
-        "glm4",
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        vocab_size=256,
-        max_position_embeddings=256,
-        pad_token_id=0,  # GLM-4's own ids lie outside a 256-token vocabulary
-        bos_token_id=0,
-        eos_token_id=0,
-    )
+    config = tiny_config("glm4")
     torch.manual_seed(0)
     out = tmp_path_factory.mktemp("glm4")
     AutoModelForCausalLM.from_config(config).save_pretrained(out)
