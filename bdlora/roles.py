@@ -100,6 +100,15 @@ def planned_role(name: str, regexes: list[tuple[re.Pattern[str], str, str]]) -> 
     return None
 
 
+def name_role(name: str) -> Role | None:
+    """The role a module's leaf name says (``q_proj``: column, ``o_proj``: row), if it says one."""
+    leaf = name.rsplit(".", 1)[-1]
+    for role, leaves in _NAME_ROLES.items():
+        if leaf in leaves:
+            return Role(role)
+    return None
+
+
 def role_of(name: str, tp_plan: dict[str, str] | None) -> tuple[Role, str]:
     """The role of module ``name`` and where it came from (shown in the plan output).
 
@@ -109,10 +118,9 @@ def role_of(name: str, tp_plan: dict[str, str] | None) -> tuple[Role, str]:
     planned = planned_role(name, plan_regexes(tp_plan)) if tp_plan else None
     if planned is not None:
         return planned[0], f"tp_plan:{planned[1]}"
-    leaf = name.rsplit(".", 1)[-1]
-    for role, leaves in _NAME_ROLES.items():
-        if leaf in leaves:
-            return Role(role), "name"
+    role = name_role(name)
+    if role is not None:
+        return role, "name"
     raise ValueError(
         f"cannot tell whether module {name!r} is column- or row-parallel: the model config has no "
         f"base_model_tp_plan entry for it; add a 'role' override in patterns"

@@ -202,13 +202,28 @@ def test_block_boundary_finds_the_activation_argument_or_names_the_module():
     assert activation_argument(nn.Linear(2, 2), "blk") == (0, "input")
     with pytest.raises(TPPlacementError, match=r"module 'blk' \(NoPositional\) takes no positional"):
         activation_argument(NoPositional(), "blk")
-    block = ByName()
-    BlockBoundary(BlockSpec("blk", ("blk.q",), "blk.o"), block, TPGroup(None))
+
+    class Block(nn.Module):
+        def __init__(self, residual: bool) -> None:
+            super().__init__()
+            self.o, self.residual = nn.Linear(3, 3), residual
+
+        def forward(self, position_ids, hidden_states):
+            out = self.o(hidden_states)
+            return out + hidden_states if self.residual else out
+
     x = torch.ones(2, 3)
-    assert torch.equal(block(torch.zeros(1), x), x)  # f and g are identities in a world of one
-    assert torch.equal(block(position_ids=None, hidden_states=x), x)
-    with pytest.raises(TPPlacementError, match=r"module 'blk' was called without .* 'hidden_states'"):
-        block(position_ids=None)
+    for residual in (False, True):
+        block = Block(residual)
+        BlockBoundary(BlockSpec("blk", ("blk.q",), "blk.o"), block, block.o, TPGroup(None))
+        if residual:  # g would sum the residual too
+            with pytest.raises(TPPlacementError, match=r"module 'blk' returns more than .* 'blk\.o'"):
+                block(None, x)
+            continue
+        assert torch.equal(block(None, x), block.o(x))  # f and g are identities in a world of one
+        assert torch.equal(block(position_ids=None, hidden_states=x), block.o(x))
+        with pytest.raises(TPPlacementError, match=r"module 'blk' was called without .* 'hidden_states'"):
+            block(position_ids=None)
 
 
 def test_plan_tp_prints_where_f_and_g_run(capsys):

@@ -14,6 +14,8 @@ g      block output      all-reduce of the partial sums (sequence    identity (a
 =====  ================  ==========================================  =================================
 
 The adapters' partials are inside the row layer's partial sum before g runs, so they add nothing.
+A block whose output is not exactly its row layer's output (a decoder layer holding the MLP's
+layers and the residual) would have more than partial sums reduced: its first forward refuses it.
 Layers between f and g that are not in the plan run whole on every rank (an MLA down-projection,
 a per-head norm): their partial input gradients are summed by f with the rest. A layout bdlora
 cannot place unambiguously (a parent with two row layers, column layers without a row layer beside
@@ -128,12 +130,14 @@ class BlockBoundary:
     ``sequence``: while its pass is split along the sequence, f gathers and g reduce-scatters.
     """
 
-    def __init__(self, spec: BlockSpec, module: nn.Module, tp: TPGroup) -> None:
+    def __init__(self, spec: BlockSpec, module: nn.Module, row: nn.Module, tp: TPGroup) -> None:
         self.spec, self.tp = spec, tp
         self.sequence: SequenceParallel | None = None
         self.position, self.arg_name = activation_argument(module, spec.name)
+        self._row_output: torch.Tensor | None = None
         module.register_forward_pre_hook(self._enter, with_kwargs=True)
         module.register_forward_hook(self._exit)
+        row.register_forward_hook(self._row_done)
 
     def split(self) -> bool:
         return self.sequence is not None and self.sequence.active
@@ -157,15 +161,21 @@ class BlockBoundary:
     def _g(self, partial: torch.Tensor) -> torch.Tensor:
         return reduce_scatter_seq(partial, self.tp) if self.split() else reduce_from_tp(partial, self.tp)
 
+    def _row_done(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        self._row_output = output
+
     def _exit(self, module: nn.Module, args: tuple, output):
-        if isinstance(output, torch.Tensor):
-            return self._g(output)
-        if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
-            return (self._g(output[0]), *output[1:])  # attention: (output, weights)
-        raise TPPlacementError(
-            f"module {self.spec.name!r} returned {type(output).__name__}; bdlora sums a block's partial "
-            f"output (g) when it is a tensor or a tuple starting with one"
-        )
+        partial = output[0] if isinstance(output, tuple) and output else output  # attention: (out, weights)
+        row_output, self._row_output = self._row_output, None
+        if partial is not row_output:
+            raise TPPlacementError(
+                f"module {self.spec.name!r} returns more than its row-parallel layer {self.spec.row!r}'s "
+                f"output (a residual, a norm, another layer): g would sum all of it over the TP ranks. "
+                f"bdlora needs every block of the TP plan to end at its row layer; keep this model at "
+                f"TP 1, or shard only blocks that do"
+            )
+        g = self._g(partial)
+        return (g, *output[1:]) if isinstance(output, tuple) else g
 
 
 def activation_argument(module: nn.Module, name: str) -> tuple[int, str]:

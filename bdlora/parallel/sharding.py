@@ -8,7 +8,9 @@ and g (``placement.BlockBoundary``). ``bdlora.parallelize`` is the public entry 
 
 from __future__ import annotations
 
+import json
 import math
+import re
 
 from torch import nn
 
@@ -18,19 +20,34 @@ from bdlora.model import adapters_of, wrap_linear
 from bdlora.parallel.comm import TPGroup
 from bdlora.parallel.placement import BlockBoundary, BlockSpec, plan_blocks
 from bdlora.parallel.styles import PLAN_STYLES, BDLoraTP, LinearLayout, TPSharding
-from bdlora.roles import REPLICATED_STYLES, plan_regexes
+from bdlora.roles import REPLICATED_STYLES, Role, name_role, plan_regexes
 
 
 def tp_plan_of(model: nn.Module) -> dict[str, str]:
     tp_plan = getattr(getattr(model, "config", None), "base_model_tp_plan", None)
     if not tp_plan:
+        suggested = json.dumps(suggest_tp_plan(model)) or "{}"
         raise BDLoraConfigError(
             f"{type(model).__name__} has no TP plan: its config has no base_model_tp_plan. Give one with "
-            f"tp_plan= (trainer: parallel.tp_plan), mapping module patterns to styles, e.g. "
-            f'{{"layers.*.attn.q": "colwise", "layers.*.attn.o": "rowwise"}}; styles: '
-            f"{', '.join(sorted(PLAN_STYLES))}"
+            f"tp_plan= (trainer: parallel.tp_plan), module pattern -> style "
+            f"({', '.join(sorted(PLAN_STYLES))}). "
+            f"From its layers' names: {suggested}. Each block (the parent of its column layers and its "
+            f"one row layer) must return exactly the row layer's output, and its attention must size "
+            f"heads from its input (as transformers' Llama does)"
         )
     return tp_plan
+
+
+def suggest_tp_plan(model: nn.Module) -> dict[str, str]:
+    """A TP plan from the linear layers whose names say their role (q_proj, o_proj, fc1, ...)."""
+    prefix = getattr(model, "base_model_prefix", "model") + "."
+    plan = {}
+    for name, module in model.named_modules():
+        role = name_role(name) if is_adaptable(module) else None
+        if role is not None:
+            key = re.sub(r"\.\d+\.", ".*.", name.removeprefix(prefix))
+            plan[key] = "colwise" if role is Role.COLUMN else "rowwise"
+    return plan
 
 
 def tp_layouts(model: nn.Module) -> dict[str, LinearLayout]:
@@ -122,9 +139,10 @@ def shard_tp_(
     """Shard ``model`` in place over ``tp`` (validated by ``check_model_tp``); returns the boundaries."""
     boundaries = []
     for spec in blocks:
-        boundaries.append(BlockBoundary(spec, model.get_submodule(spec.name), tp))
         for name in (*spec.columns, spec.row):
             _shard_linear(model, name, sharding(name, tp, layouts[name]))
+        module, row = model.get_submodule(spec.name), model.get_submodule(spec.row)
+        boundaries.append(BlockBoundary(spec, module, row, tp))
     return boundaries
 
 

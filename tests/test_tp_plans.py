@@ -1,4 +1,4 @@
-"""Packed projections and whole-output styles at TP 2 against one process, and what they communicate.
+"""TP plans beyond Llama's at TP 2: packed projections, whole-output styles, and user-given plans.
 
 GLM-4 runs its own plan (``gate_up_proj`` colwise_gather_output, ``down_proj`` rowwise_split_input)
 and a user plan that shards the packed ``gate_up_proj`` segment by segment (``packed_colwise``,
@@ -6,6 +6,10 @@ and a user plan that shards the packed ``gate_up_proj`` segment by segment (``pa
 follow the segments. Phi-3 packs q, k, v and gate, up, all gathered. In every layout the loss,
 logits and adapter gradients equal the single-process reference, PEFT loads the adapter saved from
 the sharded model with the reference's logits, and the adapter adds no collective.
+
+OPT has no plan: the error proposes one from its layers' names, and since OPT's decoder layer holds
+its MLP's layers beside the residual, that plan's first forward refuses it instead of summing the
+residual over the ranks.
 """
 
 from __future__ import annotations
@@ -13,12 +17,15 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 
 import bdlora
 import tests.architectures as archs
+from bdlora import BDLoraConfigError
 from bdlora.parallel import ParallelDims, build_mesh
 from bdlora.parallel.accounting import CommCounter
+from bdlora.parallel.placement import TPPlacementError
+from bdlora.parallel.sharding import suggest_tp_plan
 from tests.distributed import run_distributed
 
 pytestmark = pytest.mark.slow
@@ -34,6 +41,14 @@ GLM_PACKED_PLAN = {
 # (case, architecture, user TP plan or None for the config's own)
 CASES = {"glm4": ("glm4", None), "glm4-packed": ("glm4", GLM_PACKED_PLAN), "phi3": ("phi3", None)}
 TARGETS = ["q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+OPT = dict(
+    hidden_size=64,
+    ffn_dim=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    vocab_size=256,
+    word_embed_proj_dim=64,
+)
 # nblocks 4: a packed layer of 2 segments at TP 2 needs a multiple of 4
 ADAPTER = bdlora.BDLoraConfig(rank=8, alpha=16, nblocks=4, target_modules=TARGETS)
 
@@ -42,9 +57,14 @@ ADAPTER = bdlora.BDLoraConfig(rank=8, alpha=16, nblocks=4, target_modules=TARGET
 def model_dirs(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("packed")
     dirs = {}
-    for arch in ("glm4", "phi3"):
+    opt = AutoConfig.for_model("opt", **OPT)
+    for arch, config in (
+        ("glm4", archs.tiny_config("glm4")),
+        ("phi3", archs.tiny_config("phi3")),
+        ("opt", opt),
+    ):
         torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(archs.tiny_config(arch), dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         model.save_pretrained(root / arch)
         dirs[arch] = str(root / arch)
     return dirs
@@ -78,7 +98,28 @@ def sharded(model_dirs: dict[str, str], adapter_root: str) -> dict[str, dict]:
         model = bdlora.from_pretrained(model_dirs[arch], ADAPTER, mesh=mesh, tp_plan=tp_plan)
         archs.randomize_adapter(model)
         bdlora.save_adapter(model, f"{adapter_root}/{case}")
+    out["opt"] = capture_opt(model_dirs["opt"], mesh)
     return out
+
+
+def capture_opt(model_dir: str, mesh) -> dict[str, str]:
+    """The errors OPT meets: no plan, then the plan the first error proposes."""
+    out = {}
+    try:
+        bdlora.from_pretrained(model_dir, mesh=mesh)
+    except BDLoraConfigError as err:
+        out["no_plan"] = str(err)
+    model = bdlora.from_pretrained(model_dir, mesh=mesh, tp_plan=suggest_tp_plan(_meta_model(model_dir)))
+    try:
+        model(input_ids=archs.batch())
+    except TPPlacementError as err:
+        out["forward"] = str(err)
+    return out
+
+
+def _meta_model(model_dir: str):
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
 
 
 @pytest.fixture(scope="module")
@@ -118,3 +159,18 @@ def test_adapters_add_no_collective_and_packing_drops_the_gathers(tp2):
         # per layer: the MLP's output all-gather and its input split's backward all-gather go away
         assert gathered["all_gather"] - packed.get("all_gather", 0) == 2 * layers
         assert gathered["all_reduce"] == packed["all_reduce"]  # f and g of every block, as before
+
+
+def test_a_model_without_plan_gets_one_proposed_and_a_block_with_a_residual_is_refused(tp2):
+    for res in tp2["ranks"]:
+        no_plan, forward = res["opt"]["no_plan"], res["opt"]["forward"]
+        assert "OPTForCausalLM has no TP plan" in no_plan
+        for key, style in {
+            "decoder.layers.*.self_attn.q_proj": "colwise",
+            "decoder.layers.*.self_attn.out_proj": "rowwise",
+            "decoder.layers.*.fc1": "colwise",
+            "decoder.layers.*.fc2": "rowwise",
+        }.items():
+            assert f'"{key}": "{style}"' in no_plan
+        assert "module 'model.decoder.layers.0' returns more than its row-parallel layer" in forward
+        assert "'model.decoder.layers.0.fc2'" in forward
