@@ -43,7 +43,7 @@ from transformers.utils.logging import disable_progress_bar
 from bdlora import BDLoraConfig
 from bdlora.parallel import from_pretrained
 from bdlora.parallel.mesh import ParallelDims, build_mesh, init_distributed
-from bdlora.parallel.sharding import tp_linears
+from bdlora.parallel.sharding import tp_layouts
 from bdlora.presets import llama_config
 
 MB = 1e6
@@ -245,7 +245,7 @@ def warm_up(model_dir: Path) -> None:
 
 
 def param_bytes(model: nn.Module) -> dict[str, int]:
-    sharded = {f"{name}.base_layer.weight" for name, _ in tp_linears(model)}
+    sharded = {f"{name}.base_layer.weight" for name in tp_layouts(model)}
     out = {"base_param_bytes": 0, "adapter_param_bytes": 0, "replicated_bytes": 0}
     for name, p in model.named_parameters():
         size = p.numel() * p.element_size()
