@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from bdlora.config import BDLoraConfig, BDLoraConfigError
-from bdlora.memory import DTYPES, describe, memory_plans
+from bdlora.memory import DTYPES, describe, memory_notes, memory_plans
 from bdlora.plan import Plan, resolve_plan
 from bdlora.presets import PRESETS, build_model
 from bdlora.train.checkpoint import CheckpointDamaged
@@ -122,6 +122,8 @@ def _print_memory(args: argparse.Namespace, model, plan: Plan) -> int:
         f"{sum(m.params_per_rank(args.tp) for m in plan.modules):,} adapter params/rank"
     )
     print(describe(plans))
+    for note in memory_notes(model, args.tp):
+        print(f"note: {note}")
     return 0
 
 

@@ -35,9 +35,11 @@ import torch
 from torch import nn
 
 from bdlora.config import BDLoraConfigError
+from bdlora.parallel.sequence import decoder_parts
 from bdlora.parallel.styles import LinearLayout
+from bdlora.parallel.vocab import check_vocab_parallel
 from bdlora.plan import ModulePlan, Plan, check_plan_tp
-from bdlora.roles import plan_regexes, planned_role
+from bdlora.roles import STYLE_ROLES, Role, plan_regexes, planned_role
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Attention kernels that save q, k, v, the output and the log-sum-exp rather than a (T, T) matrix.
@@ -212,7 +214,8 @@ def memory_plan(
 
 
 def memory_plans(model: nn.Module, plan: Plan, tp: int, **options) -> dict[str, MemoryPlan]:
-    """``memory_plan`` for each layout of ``LAYOUTS``, by its column title."""
+    """``memory_plan`` for each layout of ``LAYOUTS`` that ``parallelize`` accepts for ``model``, by
+    its column title (``memory_notes`` says why a layout is left out)."""
     return {
         title: memory_plan(
             model,
@@ -223,7 +226,42 @@ def memory_plans(model: nn.Module, plan: Plan, tp: int, **options) -> dict[str, 
             **options,
         )
         for title, layout in LAYOUTS.items()
+        if _refusal(model, layout) is None
     }
+
+
+def _refusal(model: nn.Module, layout: Layout) -> str | None:
+    """Why ``parallelize`` refuses ``layout`` for ``model`` (None: it accepts it)."""
+    try:
+        if layout.vocab_parallel:
+            check_vocab_parallel(model)
+        if layout.sequence_parallel:
+            decoder_parts(model)
+    except BDLoraConfigError as err:
+        return str(err)
+    return None
+
+
+def _gathers(style: str) -> bool:
+    if style not in STYLE_ROLES:
+        return False
+    layout = LinearLayout.from_style(style)
+    return layout.whole_io and layout.role is Role.COLUMN
+
+
+def memory_notes(model: nn.Module, tp: int) -> list[str]:
+    """What the memory table leaves out for ``model``: refused layouts, gathered outputs."""
+    notes = [
+        f"{title}: left out, {why}" for title, layout in LAYOUTS.items() if (why := _refusal(model, layout))
+    ]
+    tp_plan = getattr(model.config, "base_model_tp_plan", None) or {}
+    gathered = sorted(k for k, style in tp_plan.items() if tp > 1 and _gathers(style))
+    if gathered:
+        notes.append(
+            f"the TP plan gathers the output of {', '.join(gathered)}: every rank then computes what "
+            f"follows whole, so those blocks' activations are up to {tp}x the table's"
+        )
+    return notes
 
 
 def _check_options(tp: int, seq_len: int, micro_batch: int, vocab: bool, sequence: bool) -> None:
