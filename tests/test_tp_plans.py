@@ -3,9 +3,10 @@
 GLM-4 runs its own plan (``gate_up_proj`` colwise_gather_output, ``down_proj`` rowwise_split_input)
 and a user plan that shards the packed ``gate_up_proj`` segment by segment (``packed_colwise``,
 ``down_proj`` rowwise): each rank then holds its slice of gate and of up, and BD-LoRA's B blocks
-follow the segments. Phi-3 packs q, k, v and gate, up, all gathered. In every layout the loss,
+follow the segments. Phi-3 packs q, k, v and gate, up, all gathered. S-LoRA runs the packed and
+the gathered layouts too. In every layout the loss,
 logits and adapter gradients equal the single-process reference, PEFT loads the adapter saved from
-the sharded model with the reference's logits, and the adapter adds no collective.
+the sharded model with the reference's logits, and the BD-LoRA adapter adds no collective.
 
 OPT has no plan: the error proposes one from its layers' names, and since OPT's decoder layer holds
 its MLP's layers beside the residual, that plan's first forward refuses it instead of summing the
@@ -38,8 +39,14 @@ GLM_PACKED_PLAN = {
     "layers.*.mlp.gate_up_proj": "packed_colwise",
     "layers.*.mlp.down_proj": "rowwise",
 }
-# (case, architecture, user TP plan or None for the config's own)
-CASES = {"glm4": ("glm4", None), "glm4-packed": ("glm4", GLM_PACKED_PLAN), "phi3": ("phi3", None)}
+# case -> (architecture, user TP plan or None for the config's own, adapter sharding)
+CASES = {
+    "glm4": ("glm4", None, "bdlora"),
+    "glm4-packed": ("glm4", GLM_PACKED_PLAN, "bdlora"),
+    "phi3": ("phi3", None, "bdlora"),
+    "glm4-packed-slora": ("glm4", GLM_PACKED_PLAN, "slora"),
+    "phi3-slora": ("phi3", None, "slora"),
+}
 TARGETS = ["q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
 OPT = dict(
     hidden_size=64,
@@ -70,10 +77,12 @@ def model_dirs(tmp_path_factory) -> dict[str, str]:
     return dirs
 
 
-def step(model_dir: str, tp_plan, adapter: bool, mesh=None) -> dict:
+def step(model_dir: str, tp_plan, sharding: str, adapter: bool, mesh=None) -> dict:
     """One train step of a seeded adapter (or none), with the TP collectives it issued."""
     config = ADAPTER if adapter else None
-    model = bdlora.from_pretrained(model_dir, config, mesh=mesh, tp_plan=tp_plan, seed=archs.ADAPTER_SEED)
+    model = bdlora.from_pretrained(
+        model_dir, config, mesh=mesh, tp_plan=tp_plan, sharding=sharding, seed=archs.ADAPTER_SEED
+    )
     if adapter:
         archs.randomize_adapter(model)
     model.get_input_embeddings().weight.requires_grad_(True)  # the same backward with and without
@@ -92,10 +101,12 @@ def step(model_dir: str, tp_plan, adapter: bool, mesh=None) -> dict:
 def sharded(model_dirs: dict[str, str], adapter_root: str) -> dict[str, dict]:
     mesh = build_mesh(ParallelDims(dist.get_world_size(), tp=2))
     out = {}
-    for case, (arch, tp_plan) in CASES.items():
-        out[case] = step(model_dirs[arch], tp_plan, adapter=True, mesh=mesh)
-        out[case]["base_comm"] = step(model_dirs[arch], tp_plan, adapter=False, mesh=mesh)["comm"]
-        model = bdlora.from_pretrained(model_dirs[arch], ADAPTER, mesh=mesh, tp_plan=tp_plan)
+    for case, (arch, tp_plan, sharding) in CASES.items():
+        out[case] = step(model_dirs[arch], tp_plan, sharding, adapter=True, mesh=mesh)
+        out[case]["base_comm"] = step(model_dirs[arch], tp_plan, sharding, adapter=False, mesh=mesh)["comm"]
+        model = bdlora.from_pretrained(
+            model_dirs[arch], ADAPTER, mesh=mesh, tp_plan=tp_plan, sharding=sharding
+        )
         archs.randomize_adapter(model)
         bdlora.save_adapter(model, f"{adapter_root}/{case}")
     out["opt"] = capture_opt(model_dirs["opt"], mesh)
@@ -130,8 +141,8 @@ def tp2(model_dirs, tmp_path_factory) -> dict[str, dict]:
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_sharded_step_matches_one_process(model_dirs, tp2, case):
-    arch, _ = CASES[case]
-    ref = step(model_dirs[arch], None, adapter=True)
+    arch, _, sharding = CASES[case]
+    ref = step(model_dirs[arch], None, sharding, adapter=True)
     for rank, res in enumerate(tp2["ranks"]):
         torch.testing.assert_close(res[case]["loss"], ref["loss"], **archs.TOL, msg=f"rank {rank} loss")
         torch.testing.assert_close(res[case]["logits"], ref["logits"], **archs.TOL)
@@ -142,8 +153,8 @@ def test_sharded_step_matches_one_process(model_dirs, tp2, case):
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_peft_loads_the_adapter_saved_at_tp2(model_dirs, tp2, case):
-    arch, _ = CASES[case]
-    reference = bdlora.from_pretrained(model_dirs[arch], ADAPTER, seed=archs.ADAPTER_SEED)
+    arch, _, sharding = CASES[case]
+    reference = bdlora.from_pretrained(model_dirs[arch], ADAPTER, sharding=sharding, seed=archs.ADAPTER_SEED)
     archs.randomize_adapter(reference)
     expected = archs.eval_logits(reference, archs.batch())
     got = archs.peft_logits(model_dirs[arch], f"{tp2['root']}/{case}")
@@ -153,8 +164,11 @@ def test_peft_loads_the_adapter_saved_at_tp2(model_dirs, tp2, case):
 def test_adapters_add_no_collective_and_packing_drops_the_gathers(tp2):
     layers = 2
     for res in tp2["ranks"]:
-        for case in CASES:
-            assert res[case]["comm"] == res[case]["base_comm"], case
+        for case, (_, _, sharding) in CASES.items():
+            if sharding == "bdlora":
+                assert res[case]["comm"] == res[case]["base_comm"], case
+            else:  # S-LoRA's (tokens, r) collectives, on top of the same base ones
+                assert res[case]["comm"]["count"] > res[case]["base_comm"]["count"], case
         gathered, packed = res["glm4"]["comm"]["ops"], res["glm4-packed"]["comm"]["ops"]
         # per layer: the MLP's output all-gather and its input split's backward all-gather go away
         assert gathered["all_gather"] - packed.get("all_gather", 0) == 2 * layers
