@@ -286,3 +286,34 @@ def test_from_pretrained_builds_gpt2_at_tp1(model_dirs, input_ids):
     randomize_lora_b(model)
     randomize_lora_b(reference)
     assert_close(logits(model, input_ids), logits(reference, input_ids), **ATOL)
+
+
+@pytest.mark.slow
+def test_the_trainer_trains_gpt2_at_tp1(model_dirs, tmp_path):
+    """As a user runs it: bdlora-train on a GPT-2 checkpoint with its Conv1D projections named."""
+    from tests.test_train import output_of, read_metrics, train
+
+    run_dir = tmp_path / "run"
+    result = train(
+        1,
+        "model.source=path",
+        f"model.path={model_dirs['gpt2']}",
+        "model.tokenizer=bytes",
+        "adapter.target_modules=[c_attn,c_proj,c_fc]",
+        "steps=8",
+        "eval_every=8",
+        "eval_batches=2",
+        "data.num_examples=64",
+        "data.seq_len=32",
+        "data.micro_batch_size=4",
+        "optim.lr=1e-2",
+        "optim.warmup_steps=0",
+        "logger.progress=false",
+        f"run_dir={run_dir}",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, output_of(result)
+    evals = [r["eval_loss"] for r in read_metrics(run_dir) if "eval_loss" in r]
+    assert len(evals) == 2 and evals[-1] < evals[0], evals
+    config = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
+    assert config["fan_in_fan_out"] is True and config["target_modules"] == ["c_attn", "c_fc", "c_proj"]
