@@ -255,16 +255,23 @@ class BDLoraLinear(nn.Module):
                 self.set_adapter(next(iter(self.lora_A)))
 
     def set_adapter(self, name: str) -> None:
-        """Make ``name`` the active adapter; only its factors train."""
+        """Make ``name`` the active adapter; only its factors train.
+
+        The weight holds at most the active adapter's delta: another adapter merged into it is
+        unmerged first (PEFT unmerges too; ``bdlora.set_adapter`` warns when it does).
+        """
         if name not in self.lora_A:
             raise KeyError(f"no adapter {name!r} on this layer; have: {', '.join(self.lora_A)}")
+        for key in [key for key in self.merged if key != name]:
+            self.unmerge(key)
         self.active_adapter = name
         for key in self.lora_A:
             self.lora_A[key].requires_grad_(key == name)
             self.lora_B[key].requires_grad_(key == name)
 
     def live_adapter(self) -> str | None:
-        """The adapter forward adds: the active one unless disabled or merged into the weight."""
+        """The adapter forward adds: the active one unless disabled or merged into the weight (the
+        only adapter the weight may hold, see ``set_adapter``)."""
         name = self.active_adapter
         return None if name is None or self.disabled or name in self.merged else name
 
@@ -332,9 +339,15 @@ class BDLoraLinear(nn.Module):
 
     @torch.no_grad()
     def merge(self, name: str | None = None) -> None:
+        """Fold ``name`` (default: the active adapter) into the weight and make it the active one.
+
+        Forward then computes ``W + delta(name)`` alone: any other merged adapter is unmerged first
+        (``set_adapter``), so the weight never holds two adapters.
+        """
         name = name or self.active_adapter
         if name is None or name in self.merged:
             return
+        self.set_adapter(name)
         w = self.weight  # a view: writes through to a Conv1D's (d_in, d_out) storage
         w.copy_((w.float() + self.delta_weight(name)).to(w.dtype))
         self.merged.append(name)

@@ -2,13 +2,16 @@
 
 On a model that is not TP-sharded none of these issue a collective, so they may run on one rank
 alone. On a TP-sharded model (``bdlora.parallelize``) every rank must make the same calls in the
-same order: each call first checks that all ranks entered it, and fails on every rank, naming
-the missing ones, if some did not (``bdlora.parallel.mesh.check_in``).
+same order (``bdlora.parallel.mesh.check_in`` says what happens when they do not).
+
+The base weights hold at most one adapter: the active one, once merged. Activating or merging
+another adapter unmerges the merged one first, with a warning (as PEFT does).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import warnings
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -131,16 +134,32 @@ def _known(model: nn.Module, adapter_name: str) -> None:
 def set_adapter(model: nn.Module, adapter_name: str) -> None:
     """Activate ``adapter_name`` on every layer that has it (others keep their active adapter).
 
+    An adapter merged into those layers is unmerged first, with a warning (PEFT's behaviour):
+    forward then adds ``adapter_name`` alone; ``merge_adapter`` merges it.
+
     Every rank: only on a TP-sharded model.
     """
     _known(model, adapter_name)
+    layers = [layer for _, layer in bdlora_layers(model) if adapter_name in layer.lora_A]
+    unmerged = _merged_besides(layers, adapter_name)
 
     def activate() -> None:
-        for _, layer in bdlora_layers(model):
-            if adapter_name in layer.lora_A:
-                layer.set_adapter(adapter_name)
+        for layer in layers:
+            layer.set_adapter(adapter_name)
 
     on_every_rank(model, "set_adapter", activate)
+    if unmerged:
+        warnings.warn(
+            f"set_adapter({adapter_name!r}): adapter(s) {unmerged} were merged into the base weights, "
+            f"which hold one adapter at a time; unmerged them first, as PEFT does. Call "
+            f"bdlora.merge_adapter(model) to merge {adapter_name!r}.",
+            stacklevel=2,
+        )
+
+
+def _merged_besides(layers: Iterable[BDLoraLinear], keep: str | None) -> list[str]:
+    """The adapters merged into ``layers`` other than ``keep`` (``None``: each layer's active one)."""
+    return sorted({n for layer in layers for n in layer.merged if n != (keep or layer.active_adapter)})
 
 
 def delete_adapter(model: nn.Module, adapter_name: str) -> None:
@@ -159,17 +178,29 @@ def remove_adapter_(model: nn.Module, adapter_name: str) -> None:
 def merge_adapter(model: nn.Module, adapter_name: str | None = None) -> None:
     """Fold the active (or named) adapter into the base weights; forward then skips it.
 
+    A named adapter becomes the active one on the layers that have it. The base weights hold one
+    adapter at a time: another merged adapter is unmerged first, with a warning.
+
     On a TP-sharded model each rank merges its own shard (no communication); every rank must call it.
     """
     if adapter_name is not None:
         _known(model, adapter_name)
+    layers = [
+        layer for _, layer in bdlora_layers(model) if adapter_name is None or adapter_name in layer.lora_A
+    ]
+    unmerged = _merged_besides(layers, adapter_name)
 
     def merge() -> None:
-        for _, layer in bdlora_layers(model):
-            if adapter_name is None or adapter_name in layer.lora_A:
-                layer.merge(adapter_name)
+        for layer in layers:
+            layer.merge(adapter_name)
 
     on_every_rank(model, "merge_adapter", merge)
+    if unmerged:
+        warnings.warn(
+            f"merge_adapter: adapter(s) {unmerged} were merged into the base weights, which hold one "
+            f"adapter at a time; unmerged them first.",
+            stacklevel=2,
+        )
 
 
 def unmerge_adapter(model: nn.Module) -> None:
@@ -211,7 +242,8 @@ def adapter_parameters(model: nn.Module) -> list[torch.nn.Parameter]:
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
-    """Merge the active adapter into the base weights and put the plain linear layers back.
+    """Merge the active adapter (only it: the weights hold one adapter at a time) into the base
+    weights and put the plain linear layers back.
 
     What remains is the transformers model alone: ``save_pretrained`` writes it under its original
     weight names and ``from_pretrained`` loads it. Not on a TP-sharded model, whose weights are

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import os
 import tempfile
 from dataclasses import dataclass
@@ -124,11 +123,37 @@ def on_all_ranks(fn, *args, **kwargs):
 # How long a rank waits in ``check_in`` for the others before failing; seconds.
 CALL_TIMEOUT_ENV = "BDLORA_CALL_TIMEOUT"
 DEFAULT_CALL_TIMEOUT = 300.0
-_CALLS = itertools.count(1)  # every rank makes bdlora's every-rank calls in the same order
+_KEYS = "bdlora"  # prefix of check_in's keys in the process group's store
+OUT_OF_STEP = "the process group is no longer usable for bdlora's collective calls: restart"
 
 
 class MissingRanksError(RuntimeError):
-    """An every-rank call that some ranks did not make within the timeout."""
+    """An every-rank call that some ranks did not make: not within the timeout, or not as the same
+    call (they entered another every-rank call in its place)."""
+
+
+class OutOfStepError(MissingRanksError):
+    """An every-rank call after an earlier one failed: the ranks' call counts may differ, so no later
+    call can be matched across ranks. Raised on every rank, whether or not it made the failed call."""
+
+
+@dataclass
+class _CallLedger:
+    """This process's every-rank calls in one process group: how many, and the first failure."""
+
+    group: object  # a new default process group (re-initialised) starts a new ledger
+    calls: int = 0
+    failure: str | None = None
+
+
+_LEDGER: list[_CallLedger] = []  # the current default group's (a list: no ``global`` statement)
+
+
+def _ledger() -> _CallLedger:
+    group = dist.group.WORLD
+    if not _LEDGER or _LEDGER[0].group is not group:
+        _LEDGER[:] = [_CallLedger(group)]
+    return _LEDGER[0]
 
 
 def call_timeout() -> float:
@@ -143,28 +168,90 @@ def call_timeout() -> float:
 
 
 def check_in(op: str, timeout: float | None = None) -> None:
-    """Wait until every rank of the job has entered ``op``; fail naming the ranks that did not.
+    """Wait until every rank of the job has entered ``op`` as the same every-rank call; fail on every
+    rank that did, naming the ranks that did not.
 
-    Each rank sets a key in the process group's store (no collective, so a rank that never calls
-    ``op`` cannot leave the others blocked inside one) and waits for the others' keys. Calls are
-    numbered per process, so every rank must make its every-rank calls in the same order.
+    Each rank numbers its every-rank calls, puts ``op`` under this call's number and its rank in the
+    process group's store (no collective, so a rank that never calls cannot leave the others blocked
+    inside one) and waits for the other ranks' keys. All present with one ``op``: the call runs.
+    Present with different ops (a rank skipped or added a call), or absent after ``timeout``: the
+    call fails, and its outcome, written once to the store, fails it on a rank that arrives late too.
+    From then on the ranks' counts may differ, so the failure is kept (in this process and in the
+    store) and every later call on every rank raises ``OutOfStepError`` instead of pairing one
+    rank's call with another's different one, or blaming a rank that did call.
     """
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return
     timeout = call_timeout() if timeout is None else timeout
     store = dist.distributed_c10d._get_default_store()
-    rank, world = dist.get_rank(), dist.get_world_size()
-    prefix = f"bdlora/{next(_CALLS)}/{op}"
-    store.set(f"{prefix}/{rank}", "in")
-    keys = [f"{prefix}/{r}" for r in range(world)]
+    ledger = _ledger()
+    _refuse_if_out_of_step(op, store, ledger)
+    ledger.calls += 1
+    call, rank, world = ledger.calls, dist.get_rank(), dist.get_world_size()
+    keys = [f"{_KEYS}/call/{call}/{r}" for r in range(world)]
+    store.set(f"{_KEYS}/last/{rank}", f"{call} {op}")
+    store.set(keys[rank], op)
     try:
         store.wait(keys, timedelta(seconds=timeout))
     except dist.DistStoreError:
         missing = [r for r, key in enumerate(keys) if not store.check([key])]
-        raise MissingRanksError(
-            f"{op}: rank(s) {missing} of {world} did not call it within {timeout:g} s (rank {rank} did). "
-            f"On a TP-sharded model {op} must be called on every rank, in the same order as bdlora's "
-            f"other every-rank calls (it gathers or changes sharded state); calls on one rank only "
-            f"(e.g. under `if rank == 0`) work on models that are not TP-sharded. The wait is "
-            f"{CALL_TIMEOUT_ENV} seconds."
-        ) from None
+        summary = f"every-rank call #{call} ({op}): rank(s) {missing} did not make it within {timeout:g} s"
+        error = MissingRanksError(_missing_message(op, store, missing, call, timeout))
+    else:
+        ops = [store.get(key).decode() for key in keys]
+        summary = f"every-rank call #{call}: " + ", ".join(f"rank {r} made {o}" for r, o in enumerate(ops))
+        error = None if len(set(ops)) == 1 else MissingRanksError(_mismatch_message(op, summary))
+    # a rank that arrives just as another times out: whichever writes the outcome first decides
+    outcome = store.compare_set(f"{_KEYS}/call/{call}", "", "ok" if error is None else summary).decode()
+    if outcome == "ok":
+        return
+    ledger.failure = outcome
+    store.compare_set(f"{_KEYS}/failure", "", outcome)
+    raise error or OutOfStepError(_out_of_step_message(op, outcome))
+
+
+def _refuse_if_out_of_step(op: str, store: dist.Store, ledger: _CallLedger) -> None:
+    if ledger.failure is None and store.check([f"{_KEYS}/failure"]):
+        ledger.failure = store.get(f"{_KEYS}/failure").decode()
+    if ledger.failure is not None:
+        raise OutOfStepError(_out_of_step_message(op, ledger.failure))
+
+
+def _missing_message(op: str, store: dist.Store, missing: list[int], call: int, timeout: float) -> str:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    progress = "; ".join(_progress(store, r) for r in missing)
+    return (
+        f"{op}: rank(s) {missing} of {world} did not call it within {timeout:g} s (rank {rank} did, as "
+        f"its every-rank call #{call}; {progress}). On a TP-sharded model {op} must be called on every "
+        f"rank, in the same order as bdlora's other every-rank calls (it gathers or changes sharded "
+        f"state); calls on one rank only (e.g. under `if rank == 0`) work on models that are not "
+        f"TP-sharded. The wait is {CALL_TIMEOUT_ENV} seconds. From now on {OUT_OF_STEP}."
+    )
+
+
+def _progress(store: dist.Store, rank: int) -> str:
+    """How far ``rank`` has got in its every-rank calls, from the key it updates on each."""
+    key = f"{_KEYS}/last/{rank}"
+    if not store.check([key]):
+        return f"rank {rank} has made no every-rank call"
+    call, op = store.get(key).decode().split(" ", 1)
+    return f"rank {rank}'s last every-rank call is #{call} ({op})"
+
+
+def _mismatch_message(op: str, summary: str) -> str:
+    return (
+        f"{op}: the ranks entered different every-rank calls at the same point ({summary}): a rank "
+        f"skipped a call or made an extra one (e.g. under `if rank == 0`). On a TP-sharded model "
+        f"bdlora's every-rank calls must be made on every rank, in the same order. From now on "
+        f"{OUT_OF_STEP}."
+    )
+
+
+def _out_of_step_message(op: str, failure: str) -> str:
+    return (
+        f"{op}: {OUT_OF_STEP}. An earlier every-rank call failed ({failure}), so the ranks' counts of "
+        f"these calls may differ and no later call can be matched across ranks; bdlora refuses them on "
+        f"every rank instead of pairing different calls or hanging. Restart all ranks, and make "
+        f"bdlora's every-rank calls on every rank in the same order (docs/api.md, 'Which ranks call "
+        f"what')."
+    )

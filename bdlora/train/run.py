@@ -26,6 +26,7 @@ from bdlora.train.loop import StepResult, Trainer, build_optimizer, build_schedu
 from bdlora.train.metrics import MetricsLogger, peak_memory_mb
 from bdlora.train.modeling import build_model, hf_config, parallel_layout, resolve_model_dir, tokenizer_for
 from bdlora.train.preemption import StoppedBySignal, StopRequests
+from bdlora.train.run_lock import run_dir_locked
 
 
 def run(
@@ -42,7 +43,14 @@ def run(
     """
     ctx = build_context(cfg.parallel.tp, cfg.parallel.dp, run_dir or cfg.run_dir, cfg.run_name)
     cfg.run_dir = str(ctx.run_dir)
-    on_all_ranks(check_run_dir, ctx.run_dir, cfg.checkpoint.resume)  # before anything is written
+    with run_dir_locked(ctx.run_dir, ctx.is_main):  # before anything is written; released at any end
+        return _run(cfg, ctx, overrides or [], hydra_yaml)
+
+
+def _run(cfg: TrainConfig, ctx: RunContext, overrides: list[str], hydra_yaml: str | None) -> float:
+    """The run, in its locked directory. Its record (``.hydra/``, ``plan.json``) is written once the
+    resume checks passed, so a refused start leaves the run it refused as it was."""
+    on_all_ranks(check_run_dir, ctx.run_dir, cfg.checkpoint.resume)
     ds_config = None  # a conflicting DeepSpeed setting fails here, before anything is built
     if cfg.parallel.engine == "deepspeed":
         ds_config = on_all_ranks(ds.build_ds_config, cfg, ctx.dp_size)
@@ -62,12 +70,9 @@ def run(
         cfg.eval_batches * cfg.data.micro_batch_size,
     )
     config_dict = asdict(cfg)
-    files = _run_config_files(config_dict, overrides or [], hydra_yaml)
-    on_all_ranks(lambda: _write_run_config(ctx.run_dir, files) if ctx.is_main else None)
     model, optimizer, scheduler, engine, trainer = _build_training(cfg, adapter, ctx, model_dir, ds_config)
     (adapter_record,) = state_of(model).adapters.values()  # the trainer adds one adapter
     plan = adapter_record.plan
-    on_all_ranks(lambda: _write_plan(ctx, plan) if ctx.is_main else None)
     checkpointer = Checkpointer(ctx, cfg.checkpoint.keep_last, engine=engine)
     check_plan = partial(
         check_resumed_plan,
@@ -77,6 +82,8 @@ def run(
         deepspeed=engine is not None,
     )
     start = _resume(cfg.checkpoint, checkpointer, check_plan, model, optimizer, scheduler, train_loader, ctx)
+    files = _run_config_files(config_dict, overrides, hydra_yaml)
+    on_all_ranks(lambda: _write_run_record(ctx, files, plan) if ctx.is_main else None)
     logger = on_all_ranks(MetricsLogger, cfg.logger, ctx.run_dir, cfg.steps, ctx.is_main, config_dict, start)
     evaluate = (lambda: trainer.evaluate(lambda: iter(eval_loader))) if eval_loader else dict
     initial_eval = evaluate() if start == 0 and cfg.eval_every > 0 else {}
@@ -132,8 +139,13 @@ def _train_steps(cfg: TrainConfig, start: int, trainer, loader, evaluate, logger
     return first_loss, last
 
 
-def _write_plan(ctx: RunContext, plan: Plan) -> None:
-    """``plan.json``: the resolved per-module adapter settings (the pattern config applied)."""
+def _write_run_record(ctx: RunContext, config_files: dict[str, str], plan: Plan) -> None:
+    """``.hydra/`` (:func:`_run_config_files`) and ``plan.json``: the resolved per-module adapter
+    settings (the pattern config applied)."""
+    hydra_dir = ctx.run_dir / ".hydra"
+    hydra_dir.mkdir(parents=True, exist_ok=True)
+    for name, text in config_files.items():
+        (hydra_dir / name).write_text(text)
     (ctx.run_dir / "plan.json").write_text(json.dumps(plan.to_dict(), indent=1))
     ctx.print0(f"adapter         {len(plan.modules)} modules, {plan.params:,} parameters (plan.json)")
 
@@ -259,13 +271,6 @@ def _run_config_files(config: dict, overrides: list[str], hydra_yaml: str | None
     if hydra_yaml is not None:
         files["hydra.yaml"] = hydra_yaml
     return files
-
-
-def _write_run_config(run_dir: Path, files: dict[str, str]) -> None:
-    hydra_dir = run_dir / ".hydra"
-    hydra_dir.mkdir(parents=True, exist_ok=True)
-    for name, text in files.items():
-        (hydra_dir / name).write_text(text)
 
 
 def _print_summary(
