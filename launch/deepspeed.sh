@@ -5,8 +5,11 @@
 # Every argument is a Hydra override for bdlora-train. NPROC (default: the GPUs, else 2 on CPU),
 # MASTER_PORT (default 29500) and HOSTFILE (DeepSpeed's "host slots=N" lines) come from the
 # environment. The launcher adds --local_rank=N, which bdlora-train accepts.
+# Runs where you stand, like bdlora-train: relative paths (run_dir, data.source, --config-dir,
+# deepspeed.config_file, HOSTFILE) and Hydra's default outputs/ resolve against the current directory
+# (with a HOSTFILE, DeepSpeed's pdsh runner starts every node's ranks in this same path). deepspeed
+# and python (or PYTHON) come from PATH: activate the environment that has bdlora installed.
 set -euo pipefail
-cd "$(dirname "$0")/.."
 PY="${PYTHON:-python}"
 if "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   NPROC="${NPROC:-$("$PY" -c 'import torch; print(torch.cuda.device_count())')}"
@@ -14,8 +17,10 @@ else
   export DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}"
   NPROC="${NPROC:-2}"
 fi
-if [[ -z "${TORCH_EXTENSIONS_DIR:-}" && -d .venv/torch_extensions ]]; then
-  export TORCH_EXTENSIONS_DIR="$PWD/.venv/torch_extensions"  # make setup compiled DeepSpeed's CPU op here
+# DeepSpeed's CPU communication op, compiled once into the environment by `make setup`
+OPS="$("$PY" -c 'import sys; print(sys.prefix)')/torch_extensions"
+if [[ -z "${TORCH_EXTENSIONS_DIR:-}" && -d "$OPS" ]]; then
+  export TORCH_EXTENSIONS_DIR="$OPS"
 fi
 ARGS=(--master_port "${MASTER_PORT:-29500}")
 if [[ -n "${HOSTFILE:-}" ]]; then

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import yaml
 from torch import nn
 
@@ -94,6 +95,7 @@ def initialize(model: nn.Module, optimizer, scheduler, ctx: RunContext, ds_confi
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
 
+    _local_rank_for_a_world_of_one()
     deepspeed.init_distributed(dist_backend="nccl" if ctx.device.type == "cuda" else "gloo")
     mark_tp_sharded(model)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -107,6 +109,14 @@ def initialize(model: nn.Module, optimizer, scheduler, ctx: RunContext, ds_confi
     )
     check_engine_layout(engine.dp_world_size, engine.mp_world_size, ctx)
     return engine
+
+
+def _local_rank_for_a_world_of_one() -> None:
+    """DeepSpeed's engine asserts that ``LOCAL_RANK`` is set. Every launcher sets it (torchrun, the
+    ``deepspeed`` launcher, and ``launcher_env.LaunchEnv.export`` for Slurm and submitit), but a plain
+    ``bdlora-train`` process starts a group of one on its own (``mesh.init_distributed``), without it."""
+    if "LOCAL_RANK" not in os.environ and dist.get_world_size() == 1:
+        os.environ["LOCAL_RANK"] = "0"
 
 
 def check_engine_layout(dp: int, tp: int, ctx: RunContext) -> None:
