@@ -65,6 +65,7 @@ def hydra_main(cfg: DictConfig) -> float:
     from hydra.core.hydra_config import HydraConfig
 
     hydra_cfg = HydraConfig.get()
+    before = _record_stamp(hydra_cfg.runtime.output_dir)
     with process_group():
         try:
             train_cfg = load_train_config(cfg)
@@ -79,7 +80,8 @@ def hydra_main(cfg: DictConfig) -> float:
                 print(f"bdlora-train: {stopped}", file=sys.stderr, flush=True)
             raise SystemExit(stopped.exit_code) from None
         except EXPECTED_ERRORS as err:
-            _record_error(hydra_cfg.runtime.output_dir, err)
+            if _record_stamp(hydra_cfg.runtime.output_dir) != before:  # this start wrote its record
+                _record_error(hydra_cfg.runtime.output_dir, err)
             if os.environ.get("BDLORA_TRACEBACK"):
                 raise
             _report(err)
@@ -103,14 +105,24 @@ def _take_local_rank_argument() -> None:
 ERROR_FILE = "error.txt"
 
 
+def _record_stamp(run_dir: str) -> int | None:
+    """When the run's record (``.hydra/config.yaml``) was last written, None if it was not."""
+    try:
+        return os.stat(os.path.join(run_dir, ".hydra", "config.yaml")).st_mtime_ns
+    except OSError:
+        return None
+
+
 def _record_error(run_dir: str, err: BaseException) -> None:
-    """The failure's message in the run directory (rank 0), so a sweep report can list the job."""
+    """The failure's message in the run directory (rank 0), so a sweep report can list the job.
+
+    Called only when this start wrote the run's record: a start refused before that (a bad setting,
+    a refused resume, another run holding the directory) leaves the directory as it was.
+    """
     if dist.is_initialized() and dist.get_rank() != 0:
         return
-    # only in a run that started writing (a bad setting leaves its directory untouched), and never
-    # beside a finished run: this job may have failed because the directory holds one
-    started = os.path.isdir(os.path.join(run_dir, ".hydra"))
-    if started and not os.path.exists(os.path.join(run_dir, "summary.json")):
+    # never beside a finished run: this job may have failed because the directory holds one
+    if not os.path.exists(os.path.join(run_dir, "summary.json")):
         try:
             with open(os.path.join(run_dir, ERROR_FILE), "w") as f:
                 f.write(f"{type(err).__name__}: {err}\n")
