@@ -208,7 +208,10 @@ def read_adapter_config(directory: str | Path) -> BDLoraConfig:
 def load_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "default") -> nn.Module:
     """Load a PEFT LoRA or BD-LoRA adapter (written by bdlora or by PEFT) into ``model``.
 
-    A TP-sharded model keeps each rank's shard of the factors. Every rank: only on a TP-sharded
+    A TP-sharded model keeps each rank's shard of the factors. Sharded ``"bdlora"``, each rank holds
+    whole blocks: the adapter's ``nblocks`` must be a multiple of the TP degree, so a dense one
+    (``nblocks=1``) is refused (``check_adapter_tp``). Sharded ``"slora"``, any adapter loads, a
+    block-diagonal factor expanded to the dense one it equals. Every rank: only on a TP-sharded
     model (reading issues no collective, but every rank must hold the same adapter).
     """
     return on_every_rank(model, "load_adapter", _load, model, Path(directory), adapter_name)
@@ -216,15 +219,40 @@ def load_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "d
 
 def _load(model: nn.Module, directory: Path, adapter_name: str) -> nn.Module:
     config = read_adapter_config(directory)
+    check_adapter_tp(model, config, directory)
     tensors = _read_tensors(directory, model)
     add_adapter_(model, config, adapter_name, init=False)
     plan = adapters_of(model)[adapter_name].plan
     try:
-        _copy_factors(model, plan, tensors, adapter_name, directory)
+        _copy_factors(model, plan, tensors, adapter_name, directory, config.nblocks)
     except BDLoraConfigError:  # leave no half-loaded (uninitialised) adapter behind
         remove_adapter_(model, adapter_name)
         raise
     return model
+
+
+def check_adapter_tp(model: nn.Module, config: BDLoraConfig, directory: str | Path) -> None:
+    """Refuse, naming the TP degrees and the sharding that load it, a saved adapter whose blocks a
+    BD-LoRA-sharded ``model`` cannot hold whole on each rank (its ``nblocks`` is fixed on disk)."""
+    parallel = state_of(model).parallel
+    if parallel is None or parallel.tp_size == 1 or parallel.sharding != "bdlora":
+        return
+    n, tp = config.nblocks, parallel.tp_size
+    slora = f"bdlora.from_pretrained(..., sharding='slora', adapter_dir={directory})"
+    if n == 1:
+        raise BDLoraConfigError(
+            f"adapter {directory} is dense LoRA (no block-diagonal factor); a BD-LoRA-sharded model "
+            f"holds whole blocks per rank, which a dense factor has not: load it on a model sharded the "
+            f"S-LoRA way: {slora} (its forward adds S-LoRA's (tokens, r) collectives), or at TP 1"
+        )
+    if n % tp:
+        degrees = ", ".join(str(t) for t in range(1, n + 1) if n % t == 0)
+        raise BDLoraConfigError(
+            f"adapter {directory} is BD-LoRA with nblocks={n}; a BD-LoRA-sharded model holds whole "
+            f"blocks per rank, so it loads BD-LoRA-sharded at TP {degrees} (the degrees dividing {n}), "
+            f"not at TP {tp}. At TP {tp}, load it on a model sharded the S-LoRA way: {slora} (expanded "
+            f"to the dense LoRA it equals; its forward adds S-LoRA's (tokens, r) collectives)"
+        )
 
 
 def _read_tensors(directory: Path, model: nn.Module) -> dict[str, torch.Tensor]:
@@ -240,15 +268,24 @@ def _strip_adapter_name(key: str) -> str:
 
 
 def _copy_factors(
-    model: nn.Module, plan: Plan, tensors: dict[str, torch.Tensor], adapter_name: str, directory
+    model: nn.Module,
+    plan: Plan,
+    tensors: dict[str, torch.Tensor],
+    adapter_name: str,
+    directory,
+    stored_nblocks: int,
 ) -> None:
+    """Fill each module's factors from the file's, stored with ``stored_nblocks`` blocks; a plan
+    of fewer (S-LoRA sharding holds dense LoRA) gets the block-diagonal factor expanded."""
     expected = set()
     for m in plan.modules:
         layer = model.get_submodule(m.name)
-        shape_a, shape_b = global_factor_shapes(m.role, m.d_in, m.d_out, m.rank, plan.global_nblocks)
-        a = _take(tensors, f"{PREFIX}{m.name}.lora_A.weight", shape_a, m, directory)
-        b = _take(tensors, f"{PREFIX}{m.name}.lora_B.weight", shape_b, m, directory)
+        shape_a, shape_b = global_factor_shapes(m.role, m.d_in, m.d_out, m.rank, stored_nblocks)
+        a = _take(tensors, f"{PREFIX}{m.name}.lora_A.weight", shape_a, m, stored_nblocks, directory)
+        b = _take(tensors, f"{PREFIX}{m.name}.lora_B.weight", shape_b, m, stored_nblocks, directory)
         expected.update((f"{PREFIX}{m.name}.lora_A.weight", f"{PREFIX}{m.name}.lora_B.weight"))
+        if plan.global_nblocks != stored_nblocks:
+            a, b = dense_factors(m.role, a, b, stored_nblocks)
         layer.set_factors(adapter_name, a, b)
     unused = sorted(set(tensors) - expected)
     if unused:
@@ -258,13 +295,13 @@ def _copy_factors(
         )
 
 
-def _take(tensors: dict, key: str, shape: tuple, m: ModulePlan, directory) -> torch.Tensor:
+def _take(tensors: dict, key: str, shape: tuple, m: ModulePlan, nblocks: int, directory) -> torch.Tensor:
     if key not in tensors:
         raise BDLoraConfigError(f"{directory}: missing tensor {key!r} for module {m.name!r}")
     value = tensors[key]
     if tuple(value.shape) != tuple(shape):
         raise BDLoraConfigError(
             f"{directory}: tensor {key!r} has shape {tuple(value.shape)}, module {m.name!r} "
-            f"({m.role.value}, rank {m.rank}, nblocks {m.global_nblocks}) expects {tuple(shape)}"
+            f"({m.role.value}, rank {m.rank}, nblocks {nblocks}) expects {tuple(shape)}"
         )
     return value

@@ -90,9 +90,10 @@ def _build_meta(model_dir: Path, adapter_config, adapter_dir, mesh, dtype, layou
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     parallelize(model, mesh, **layout)  # validates TP against heads and dimensions first
     if adapter_dir is not None:
-        from bdlora.peft_io import read_adapter_config
+        from bdlora.peft_io import check_adapter_tp, read_adapter_config
 
         adapter_config = read_adapter_config(adapter_dir)
+        check_adapter_tp(model, adapter_config, adapter_dir)
     if adapter_config is not None:  # resolve now so a bad pattern fails before any read
         parallel = state_of(model).parallel
         parallel.check_plan(resolve_plan(model, parallel.adapter_config(adapter_config)))

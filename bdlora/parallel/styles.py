@@ -227,7 +227,7 @@ class BDLoraTP(TPSharding):
     @classmethod
     def check_plan(cls, plan: Plan, tp: int, layouts: dict[str, LinearLayout]) -> None:
         super().check_plan(plan, tp, layouts)
-        check_plan_tp(plan, tp, whole_blocks=True)
+        _check_whole_blocks(plan.global_nblocks, tp)
         for m in plan.modules:
             _check_packed(m, layouts.get(m.name), tp, plan.global_nblocks)
 
@@ -245,6 +245,25 @@ class BDLoraTP(TPSharding):
 
     def local_forward(self, layer: BDLoraLinear, x: torch.Tensor) -> torch.Tensor:
         return layer.partial_forward(x)
+
+
+def _check_whole_blocks(nblocks: int, tp: int) -> None:
+    """Each rank holds whole blocks: ``nblocks`` a multiple of ``tp``; dense LoRA (one block) never is."""
+    if tp == 1 or nblocks % tp == 0:
+        return
+    if nblocks == 1:
+        what = "nblocks=1 is dense LoRA (no block-diagonal factor); a BD-LoRA-sharded model holds whole "
+        what, there = what + "blocks per rank, which a dense factor has not", "at TP 1"
+    else:
+        what = f"nblocks={nblocks} is not divisible by the TP degree {tp}: a BD-LoRA-sharded model holds "
+        what, there = what + "whole blocks per rank", f"at a TP degree dividing nblocks={nblocks}"
+    raise BDLoraConfigError(
+        f"{what}. A new adapter: nblocks among multiples of {tp} (e.g. {tp}, {2 * tp}), or dense LoRA "
+        f"with sharding='slora'. A saved one: load it on a model sharded the S-LoRA way, "
+        f"bdlora.from_pretrained(..., sharding='slora', adapter_dir=DIR) (a block-diagonal factor "
+        f"expanded to the dense one it equals; its forward adds S-LoRA's (tokens, r) collectives), or "
+        f"{there}"
+    )
 
 
 def _check_packed(m: ModulePlan, layout: LinearLayout | None, tp: int, nblocks: int) -> None:
