@@ -5,6 +5,7 @@
 ==============================  ================================================================
 ``adapter-tp{i}-of-{t}``        adapter shards (``bdlora.parallel.checkpoint``), one per TP rank
 ``optim-tp{i}-of-{t}``          AdamW ``exp_avg`` / ``exp_avg_sq`` sharded like their parameters
+``deepspeed/``                  DeepSpeed's own checkpoint (``parallel.engine=deepspeed`` only)
 ``trainer_state.json``          step, AdamW step, scheduler, data loader position, the run config
 ``rng-rank{r}.safetensors``     every rank's torch (and CUDA) RNG state, with Python's ``random``
                                 state as JSON in its metadata (restored when the world size matches)
@@ -15,7 +16,9 @@
 Every rank writes into ``.step_00000050.partial``; after a barrier rank 0 writes ``MANIFEST.json``
 and ``COMPLETE`` and renames the directory into place, so a crash at any moment leaves only complete
 checkpoints under their final names. Optimizer state reshards like the adapter, so a resume may
-change the TP degree.
+change the TP degree. DeepSpeed runs write the same files (their moments gathered from ZeRO's
+partitions) beside ``deepspeed/``: the native engine resumes them at any layout; DeepSpeed itself
+reads ``deepspeed/``, at the layout it was saved at.
 
 A checkpoint is read only after :func:`verify_checkpoint` found every file as its manifest lists it
 and nothing else beside them: a truncated shard or a file dropped in later (say a pickle) is refused
@@ -219,8 +222,9 @@ class Checkpointer:
             )
         with full_parameters(self.engine):  # the adapter shards bdlora reads back, and export reads
             save_sharded_adapter(model, tmp, self.adapter, write=writes_shard)
-        if writes_shard and self.engine is None:
-            save_shard_file(tmp, "optim", self._moments(model, optimizer), self.ctx.tp.rank, self.ctx.tp.size)
+        moments = self._moments(model, optimizer)  # every rank: DeepSpeed gathers them over DP
+        if writes_shard:
+            save_shard_file(tmp, "optim", moments, self.ctx.tp.rank, self.ctx.tp.size)
         _save_rng_state(tmp / rng_file_name(self.ctx.rank))
         if self.ctx.is_main:
             state = {
@@ -244,13 +248,17 @@ class Checkpointer:
             self._prune()
 
     def _moments(self, model: nn.Module, optimizer) -> dict[str, torch.Tensor]:
+        """This TP rank's AdamW moments, each shaped like its parameter (shard)."""
         out = {}
         for name, layer in adapter_layers(model, self.adapter):
             for factor in FACTORS:
-                state = optimizer.state.get(getattr(layer, factor)[self.adapter], {})
+                param = getattr(layer, factor)[self.adapter]
                 for moment in MOMENTS:
-                    if moment in state:
-                        out[f"{name}.{factor}.{moment}"] = state[moment]
+                    value = _deepspeed_moment(param, moment) if self.engine is not None else None
+                    if value is None:  # the native engine, or DeepSpeed without ZeRO: torch's AdamW
+                        value = optimizer.state.get(param, {}).get(moment)
+                    if value is not None:
+                        out[f"{name}.{factor}.{moment}"] = value
         return out
 
     def _prune(self) -> None:
@@ -291,6 +299,8 @@ class Checkpointer:
             restore_adapter_(model, path, self.adapter)
             self._restore_moments(path, state, model, optimizer)
         scheduler.load_state_dict(state["scheduler"])
+        if getattr(scheduler, "steps_change", None):
+            self.ctx.print0(scheduler.steps_change)
         # the scheduler's state holds the lr it last set, but the rebuilt optimizer still has step 0's
         for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
             group["lr"] = lr
@@ -313,7 +323,7 @@ class Checkpointer:
                 f"{path}: a DeepSpeed checkpoint resumes at the layout it was saved at (world size "
                 f"{saved[0]}, tp={saved[1]}; now {self.ctx.world_size}, tp={self.ctx.tp.size}) because ZeRO "
                 "partitions the optimizer state by it; resume with that layout, or with the native engine "
-                "(parallel.engine=native reshards to any TP degree)"
+                "(parallel.engine=native resumes the adapter and its AdamW moments at any TP degree)"
             )
         self.engine.load_checkpoint(
             path, tag=DEEPSPEED_TAG, load_module_strict=False, load_lr_scheduler_states=False
@@ -322,6 +332,13 @@ class Checkpointer:
     @torch.no_grad()
     def _restore_moments(self, path: Path, state: dict, model: nn.Module, optimizer) -> None:
         if state["adam_step"] is None:
+            return
+        if (path / DEEPSPEED_TAG).is_dir() and not list(path.glob("optim-tp*.safetensors")):
+            self.ctx.print0(
+                f"warning: {path} is a DeepSpeed checkpoint without bdlora's optim-tp* files (saved "
+                "before they were written): its adapter, step, data position and RNG resume; AdamW's "
+                "moments and step count start again from zero"
+            )
             return
         meta = read_shard_meta(path)
         sharding, segments = sharding_class(meta["sharding"]), meta.get("packed_segments", {})
@@ -336,8 +353,16 @@ class Checkpointer:
                     param = getattr(layer, factor)[self.adapter]
                     optimizer.state[param] = {
                         "step": step.clone(),
-                        **{m: ab[i].clone().to(param.device) for m, ab in moments.items()},
+                        **{m: ab[i].to(param.device, param.dtype, copy=True) for m, ab in moments.items()},
                     }
+
+
+def _deepspeed_moment(param: nn.Parameter, moment: str) -> torch.Tensor | None:
+    """``param``'s whole AdamW ``moment`` from ZeRO's partitions (a collective over DP; every DP rank
+    calls it for the same parameters in the same order); None without ZeRO."""
+    from deepspeed.utils import safe_get_full_optimizer_state
+
+    return safe_get_full_optimizer_state(param, moment)
 
 
 def _adam_step(optimizer) -> float | None:

@@ -36,6 +36,7 @@ UnmatchedAction = _choices("UnmatchedAction", UNMATCHED_ACTIONS)
 Sharding = _choices("Sharding", SHARDINGS)
 Engine = _choices("Engine", ("native", "deepspeed"))
 Schedule = _choices("Schedule", ("cosine", "constant"))
+StepsChange = _choices("StepsChange", ("stretch", "keep"))
 WandbMode = _choices("WandbMode", ("offline", "online", "disabled"))
 ExportFormat = _choices("ExportFormat", FORMATS)
 
@@ -130,6 +131,9 @@ class OptimConfig:
     warmup_steps: int = 10
     schedule: Schedule = Schedule.cosine  # or constant
     min_lr_ratio: float = 0.1
+    # a resume with other ``steps``: stretch the rest of the cosine to the new total, or keep the saved
+    # one (min lr after its end); the lr goes on without a jump either way (``loop.WarmupCosineLR``)
+    on_steps_change: StepsChange = StepsChange.stretch
     max_grad_norm: float = 1.0  # <= 0 disables clipping
     grad_accum: int = 1
 

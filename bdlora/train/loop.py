@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -15,7 +16,7 @@ from bdlora.model import adapter_parameters, bdlora_layers
 from bdlora.parallel import no_sync
 from bdlora.parallel.accounting import CommCounter
 from bdlora.parallel.comm import mean_over, sum_over
-from bdlora.train.config import OptimConfig
+from bdlora.train.config import OptimConfig, plain
 from bdlora.train.context import RunContext
 
 
@@ -26,20 +27,89 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
 
 
-def build_scheduler(opt: torch.optim.Optimizer, cfg: OptimConfig, steps: int):
-    """Linear warmup, then cosine decay to ``min_lr_ratio * lr`` (or constant)."""
-    if cfg.schedule not in ("cosine", "constant"):
-        raise ValueError(f"optim.schedule={cfg.schedule!r}; valid: cosine, constant")
+def build_scheduler(opt: torch.optim.Optimizer, cfg: OptimConfig, steps: int) -> WarmupCosineLR:
+    """Linear warmup, then cosine decay to ``min_lr_ratio * lr`` at ``steps`` (or constant)."""
+    for key, value, valid in (
+        ("schedule", cfg.schedule, ("cosine", "constant")),
+        ("on_steps_change", cfg.on_steps_change, ("stretch", "keep")),
+    ):
+        if value not in valid:
+            raise ValueError(f"optim.{key}={value!r}; valid: {', '.join(valid)}")
+    return WarmupCosineLR(opt, cfg, steps)
 
-    def factor(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        if cfg.schedule == "constant":
+
+class Course(NamedTuple):
+    """The cosine's course: at step index ``start`` it stands at ``progress`` (0: lr, 1: min lr) and
+    moves linearly to 1 at ``end``."""
+
+    start: int
+    progress: float
+    end: int
+
+    def at(self, step: int) -> float:
+        moved = (step - self.start) / max(1, self.end - self.start)
+        return min(1.0, self.progress + (1 - self.progress) * moved)
+
+
+class WarmupCosineLR(torch.optim.lr_scheduler.LRScheduler):
+    """Linear warmup over ``warmup_steps``, then a cosine from ``lr`` down to ``min_lr_ratio * lr`` at
+    step ``steps`` (``schedule=constant``: ``lr`` after the warmup). Step index ``i`` (``last_epoch``)
+    sets the lr of step ``i + 1``.
+
+    The cosine's :class:`Course` and the ``steps`` it was planned for are saved with the scheduler's
+    state. A run resumed with other ``steps`` continues the saved course to the resume step, then
+    ``on_steps_change=keep`` keeps it (min lr from its old end on) and ``stretch`` stretches the rest
+    of it to end at the new ``steps``. Either way the first resumed step gets the lr the saved run
+    would have given it: no jump. ``steps_change`` then says what happened, for the log.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, cfg: OptimConfig, steps: int) -> None:
+        self.cfg, self.steps, self.steps_change = cfg, steps, None
+        self.course = Course(cfg.warmup_steps, 0.0, steps)
+        super().__init__(optimizer)
+
+    def factor(self, step: int) -> float:
+        if step < self.cfg.warmup_steps:
+            return (step + 1) / self.cfg.warmup_steps
+        if self.cfg.schedule == "constant":
             return 1.0
-        progress = min(1.0, (step - cfg.warmup_steps) / max(1, steps - cfg.warmup_steps))
-        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        cosine = 0.5 * (1 + math.cos(math.pi * self.course.at(step)))
+        return self.cfg.min_lr_ratio + (1 - self.cfg.min_lr_ratio) * cosine
 
-    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    def get_lr(self) -> list[float]:
+        return [base * self.factor(self.last_epoch) for base in self.base_lrs]
+
+    def state_dict(self) -> dict[str, Any]:
+        """LRScheduler's state with ``steps`` and ``course``; the rest of the shape is the config's."""
+        return {k: v for k, v in super().state_dict().items() if k not in ("cfg", "steps_change")}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """A saved state (a LambdaLR's, from before courses were saved, resumes as it did then)."""
+        steps = self.steps
+        super().load_state_dict({k: v for k, v in state.items() if k != "lr_lambdas"})
+        saved_steps = state.get("steps", steps)
+        self.steps, self.course = steps, Course(*state.get("course", self.course))
+        if saved_steps != steps:
+            if self.cfg.on_steps_change == "stretch":
+                start = max(self.last_epoch, self.course.start)
+                self.course = Course(start, self.course.at(start), steps)
+            self.steps_change = self._describe_change(saved_steps)
+
+    def _describe_change(self, saved_steps: int) -> str:
+        mode = plain(self.cfg.on_steps_change)
+        head = f"steps {saved_steps} -> {self.steps} on resume (optim.on_steps_change={mode}): "
+        first = self.last_epoch + 1
+        if self.steps < first:
+            return head + f"the checkpoint is at step {self.last_epoch}: no step is left to train"
+        if self.cfg.schedule == "constant":
+            what = "optim.schedule=constant does not depend on steps"
+        elif mode == "stretch":
+            what = f"the rest of the cosine is stretched to end at step {self.steps}"
+        else:
+            after = ", then min lr" if self.steps > self.course.end else ""
+            what = f"the cosine keeps its end at step {self.course.end}{after}"
+        lr_first, lr_last = (self.base_lrs[0] * self.factor(s - 1) for s in (first, self.steps))
+        return head + f"{what}; lr {lr_first:.2e} at step {first} -> {lr_last:.2e} at step {self.steps}"
 
 
 def sharded_params(model: nn.Module) -> set[int]:
