@@ -126,10 +126,16 @@ def test_newest_intact_falls_back_and_fails_when_none_verifies(tmp_path):
     assert f"{newer}: {SHARD}: checksum differs" in heard[0]
     assert heard[1].startswith(f"falling back to {older.name}")
 
+    (newer / COMPLETE).unlink()  # a published step without its marker is damage, not absence
+    heard.clear()
+    assert newest_intact(root, heard.append) == older
+    assert f"{newer}: no {COMPLETE} marker" in heard[0]
+    assert heard[1].startswith(f"falling back to {older.name}")
+
     cut_in_half(older / SHARD)
     with pytest.raises(CheckpointDamaged) as info:
         newest_intact(root, heard.append)
-    assert f"run {tmp_path / 'run'}" in str(info.value) and "checksum differs" in str(info.value)
+    assert f"run {tmp_path / 'run'}" in str(info.value) and f"no {COMPLETE} marker" in str(info.value)
     assert newest_intact(tmp_path / "nothing", heard.append) is None
 
 

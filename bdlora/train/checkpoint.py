@@ -150,7 +150,9 @@ def verify_checkpoint(directory: Path) -> None:
     if not directory.is_dir():
         raise FileNotFoundError(f"{directory}: no such checkpoint directory")
     if not (directory / COMPLETE).is_file():
-        raise CheckpointDamaged(f"{directory}: no {COMPLETE} marker (the run stopped while saving it)")
+        raise CheckpointDamaged(
+            f"{directory}: no {COMPLETE} marker (removed: a save is renamed into place with it)"
+        )
     listed = _read_manifest(directory)
     damage = [d for name, entry in listed.items() if (d := _file_damage(directory, name, entry))]
     damage += [
@@ -168,7 +170,9 @@ def newest_intact(root: Path, report: Callable[[str], None]) -> Path | None:
     ``report`` hears of every newer one skipped as damaged, and of the fallback. Checkpoints of
     which none verifies are an error naming the run and the newest one's damage.
     """
-    found = complete_checkpoints(root)
+    # every published step: a step_* directory lacks COMPLETE only if the marker was removed (saves
+    # go to a .partial directory, renamed into place with COMPLETE in it), so it counts as damage
+    found = sorted(p for p in root.glob("step_*") if p.is_dir()) if root.is_dir() else []
     newest_damage = None
     for path in reversed(found):
         try:
@@ -182,7 +186,7 @@ def newest_intact(root: Path, report: Callable[[str], None]) -> Path | None:
         return path
     if newest_damage is not None:
         raise CheckpointDamaged(
-            f"run {root.parent}: none of its {len(found)} complete checkpoints verifies; the newest, "
+            f"run {root.parent}: none of its {len(found)} checkpoints verifies; the newest, "
             f"{newest_damage}. Restore the damaged files, or move checkpoints/ aside to start over"
         )
     return None
