@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -24,6 +25,11 @@ def _load_config(source: str | None) -> BDLoraConfig:
         from bdlora.peft_io import read_adapter_config  # noqa: PLC0415
 
         return read_adapter_config(Path(source).parent if Path(source).is_file() else source)
+    if Path(source).is_dir():
+        raise BDLoraConfigError(
+            f"--config {source!r} is a directory without adapter_config.json: give a BD-LoRA YAML file, "
+            f"or a PEFT adapter directory (one holding adapter_config.json)"
+        )
     if not Path(source).is_file():
         raise FileNotFoundError(f"--config {source!r}: no such file")
     return BDLoraConfig.from_yaml(source)
@@ -35,14 +41,21 @@ def _from_trainer_settings(overrides: list[str]) -> tuple[BDLoraConfig, str | No
     from hydra import compose, initialize_config_module  # noqa: PLC0415
     from hydra.errors import HydraException  # noqa: PLC0415
 
-    from bdlora.train.config import load_train_config, register_configs  # noqa: PLC0415
+    from bdlora.train.config import (  # noqa: PLC0415
+        TrainConfigError,
+        describe_hydra_error,
+        load_train_config,
+        register_configs,
+    )
 
     register_configs()
     try:
         with initialize_config_module("bdlora.conf", version_base="1.3"):
             train = load_train_config(compose("config", overrides=overrides))
     except HydraException as err:
-        raise BDLoraConfigError(f"trainer settings {' '.join(overrides)}: {err}") from None
+        raise BDLoraConfigError(f"trainer settings: {describe_hydra_error(err)}") from None
+    except TrainConfigError as err:
+        raise BDLoraConfigError(f"trainer settings: {err}") from None
     model = {"preset": train.model.name, "path": train.model.path}.get(str(train.model.source))
     return train.adapter.build(), model
 
@@ -145,16 +158,25 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from bdlora.train.export import export  # noqa: PLC0415
+    from bdlora.train.export import MARKER, export  # noqa: PLC0415
 
     run = export(args.run, args.format, args.out, force=args.force)
     print(f"exported {run.checkpoint} (step {run.step}) as {args.format} to {args.out}")
+    if args.format == "merged":
+        record = json.loads((Path(args.out) / MARKER).read_text())
+        print(f"tokenizer: {record['tokenizer']} (AutoTokenizer.from_pretrained({args.out!r}) loads it)")
     return 0
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from bdlora.train.export import generate  # noqa: PLC0415
 
+    if args.max_new_tokens < 1:
+        raise BDLoraConfigError(
+            f"--max-new-tokens {args.max_new_tokens}: give a positive number of tokens to generate"
+        )
+    if not args.prompt.strip():
+        raise BDLoraConfigError(f"--prompt {args.prompt!r} is empty: give the text to continue")
     text = generate(args.run, args.prompt, args.max_new_tokens, adapter=not args.no_adapter, raw=args.raw)
     print(text, end="" if text.endswith("\n") else "\n")
     return 0
@@ -213,8 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument(
         "--format", default="peft-bdlora", help="peft-bdlora (default), peft-lora or merged (full HF model)"
     )
-    export.add_argument("--out", required=True, help="output directory (must be new or empty)")
-    export.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    export.add_argument("--out", required=True, help="output directory (new, empty, or an earlier export)")
+    export.add_argument("--force", action="store_true", help="replace an earlier export at --out")
     export.set_defaults(func=cmd_export)
     gen = sub.add_parser("generate", help="greedy completion by a trained run's base model + adapter")
     gen.add_argument("run", metavar="RUN_OR_CHECKPOINT", help=run_help)

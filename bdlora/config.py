@@ -199,11 +199,14 @@ class BDLoraConfig:
 
     @classmethod
     def from_yaml(cls, source: str | Path) -> BDLoraConfig:
-        """Load from a YAML file path or a YAML string."""
-        text = Path(source).read_text() if _is_file(source) else str(source)
-        data = yaml.safe_load(text)
+        """Load from a YAML file path or a YAML string; a file that is not UTF-8 YAML is an error
+        naming the file, the line and the problem."""
+        where = str(source) if _is_file(source) else "YAML string"
+        data = load_yaml_text(Path(source).read_bytes() if _is_file(source) else str(source), where)
         if not isinstance(data, Mapping):
-            raise BDLoraConfigError(f"expected a YAML mapping of config keys, got {type(data).__name__}")
+            raise BDLoraConfigError(
+                f"{where}: expected a YAML mapping of config keys, got {type(data).__name__}"
+            )
         return cls.from_dict(data)
 
     # -- PEFT interop -----------------------------------------------------------------------
@@ -326,6 +329,39 @@ def parse_layers(spec: Any, where: str) -> list[int]:
         first = int(match[1])
         layers.update(range(first, int(match[2] or first) + 1))
     return sorted(layers)
+
+
+def load_yaml_text(text: str | bytes, where: str) -> Any:
+    """``yaml.safe_load`` of a file's bytes (or a string), with a decoding or syntax error as one
+    ``BDLoraConfigError`` line: ``where, line N, column M: problem``."""
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise BDLoraConfigError(f"{where}, {describe_undecodable(text, err)}") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise BDLoraConfigError(f"{where}, {describe_yaml_error(err)}") from None
+
+
+def describe_undecodable(data: bytes, err: UnicodeDecodeError) -> str:
+    """``line N, column M: not UTF-8 text (byte 0x..); save the file as UTF-8`` for ``data``."""
+    line = data.count(b"\n", 0, err.start) + 1
+    column = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
+    byte = data[err.start : err.start + 1].hex()
+    return f"line {line}, column {column}: not UTF-8 text (byte 0x{byte}); save the file as UTF-8"
+
+
+def describe_yaml_error(err: yaml.YAMLError) -> str:
+    """``line N, column M: problem`` for a YAML syntax error, the problem alone without a position."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    context = getattr(err, "context", None)
+    problem = f"{problem} ({context})" if context else problem
+    if mark is None:
+        return f"invalid YAML: {problem}"
+    return f"line {mark.line + 1}, column {mark.column + 1}: invalid YAML: {problem}"
 
 
 def _is_file(source: str | Path) -> bool:

@@ -27,7 +27,7 @@ from bdlora.train import export as export_mod
 from bdlora.train.checkpoint import COMPLETE, STATE, step_dir_name, write_manifest
 from bdlora.train.config import ModelConfig, TrainConfig
 from bdlora.train.data import ByteTokenizer
-from bdlora.train.export import ExportError, export, generate, greedy_decode, merge_streaming
+from bdlora.train.export import MARKER, ExportError, export, generate, greedy_decode, merge_streaming
 from tests.conftest import logits, randomize_lora_b, tiny_model
 
 ATOL = dict(atol=1e-5, rtol=0)
@@ -151,7 +151,7 @@ def test_merged_path_export_streams_into_the_same_files(path_run, tmp_path, monk
     export(path_run.checkpoint, "merged", out)
     source_files = {p.name for p in path_run.model_dir.iterdir()}
     assert len([n for n in source_files if n.endswith(".safetensors")]) > 1
-    assert {p.name for p in out.iterdir()} == source_files  # shards, index, config, tokenizer
+    assert {p.name for p in out.iterdir()} == source_files | {MARKER}  # shards, index, config, tokenizer
     merged = AutoModelForCausalLM.from_pretrained(out).eval()
     assert_close(logits(merged, IDS), logits(path_run.model, IDS), **MERGED_TOL)
     assert_close(logits(merged, IDS), logits(merged_in_memory(path_run.model), IDS), **EXACT)
@@ -236,7 +236,7 @@ def test_run_without_a_complete_checkpoint_exits_2(tmp_path, capsys):
     partial.mkdir(parents=True)
     (partial / STATE).write_text("{}")
     code, err = run_cli(capsys, "generate", str(tmp_path / "run"), "--prompt", "x")
-    assert code == 2 and "no complete checkpoint" in err
+    assert code == 2 and f"{partial}: no {COMPLETE} marker" in err  # a published step lacks it
     code, err = run_cli(capsys, "export", str(partial), "--out", str(tmp_path / "o"))
     assert code == 2 and "incomplete checkpoint" in err
     assert not (tmp_path / "o").exists()
@@ -248,16 +248,22 @@ def test_unknown_format_exits_2(preset_run, tmp_path, capsys):
     assert code == 2 and "unknown format 'gguf'" in err and "merged" in err
 
 
-def test_non_empty_out_needs_force(preset_run, tmp_path, capsys):
+def test_force_replaces_only_an_earlier_export(preset_run, tmp_path, capsys):
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "keep.txt").write_text("old")
+    for force in ([], ["--force"]):  # a directory bdlora export did not write is never replaced
+        code, err = run_cli(capsys, "export", str(preset_run.run_dir), "--out", str(foreign), *force)
+        assert code == 2 and "not empty" in err and "keep.txt" in err
+    assert (foreign / "keep.txt").read_text() == "old"
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("old")
+    assert main(["export", str(preset_run.run_dir), "--out", str(out)]) == 0
     code, err = run_cli(capsys, "export", str(preset_run.run_dir), "--out", str(out))
-    assert code == 2 and "not empty" in err and "--force" in err
-    assert (out / "keep.txt").is_file()
+    assert code == 2 and "--force" in err
     assert main(["export", str(preset_run.run_dir), "--out", str(out), "--force"]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
-    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no staging directories left behind
+    expected = ["adapter_config.json", "adapter_model.safetensors", MARKER]
+    assert sorted(p.name for p in out.iterdir()) == sorted(expected)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["foreign", "out"]  # no staging left behind
 
 
 def test_out_may_not_replace_the_run(preset_run, capsys):

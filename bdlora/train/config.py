@@ -13,9 +13,18 @@ import secrets
 import time
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from enum import Enum
-from typing import Any
+from typing import Any, get_args, get_origin, get_type_hints
 
-from bdlora.config import DEFAULT_TARGETS, INIT_STRATEGIES, UNMATCHED_ACTIONS, BDLoraConfig
+import yaml
+
+from bdlora.config import (
+    DEFAULT_TARGETS,
+    INIT_STRATEGIES,
+    UNMATCHED_ACTIONS,
+    BDLoraConfig,
+    describe_undecodable,
+    describe_yaml_error,
+)
 from bdlora.parallel.styles import SHARDINGS
 from bdlora.peft_io import FORMATS
 from bdlora.roles import check_tp_plan
@@ -293,12 +302,91 @@ def load_train_config(cfg: Any) -> TrainConfig:
 
 
 def _valid_keys(full_key: str) -> str:
-    node: Any = TrainConfig
     parent = full_key.rpartition(".")[0]
-    for part in parent.split(".") if parent else []:
-        node = {f.name: f for f in fields(node)}[part].default_factory
+    node = _schema_node(parent.split(".") if parent else [])
+    if node is None and _is_named_map(parent):
+        return f"{parent!r} has no entry {full_key.rpartition('.')[2]!r}; add a new one with '+{full_key}...'"
+    if node is None:
+        return f"{parent!r} takes no key {full_key.rpartition('.')[2]!r}"
     names = [f.name for f in fields(node)]
     return f"valid keys{' under ' + repr(parent) if parent else ''}: {', '.join(names)}"
+
+
+def _is_named_map(path: str) -> bool:
+    """Whether ``path`` is a name -> settings map of ``TrainConfig`` (``adapter.groups``)."""
+    owner, _, name = path.rpartition(".")
+    node = _schema_node(owner.split(".") if owner else [])
+    return node is not None and get_origin(get_type_hints(node).get(name)) is dict
+
+
+def _schema_node(path: list[str]) -> type | None:
+    """The dataclass at ``path`` in ``TrainConfig`` (``adapter.groups.<name>`` is a ``ModuleGroup``),
+    None where the path leads to no dataclass."""
+    node: Any = TrainConfig
+    parts = iter(path)
+    for part in parts:
+        hint = get_type_hints(node).get(part)
+        if get_origin(hint) is dict:  # name -> value: the next part is a name
+            hint = get_args(hint)[1] if next(parts, None) is not None else None
+        if not is_dataclass(hint):
+            return None
+        node = hint
+    return node
+
+
+def describe_hydra_error(err: BaseException) -> str:
+    """One line for a failure while Hydra composes the config (an override, a config file, the
+    run directory): what was wrong, where, and what is valid."""
+    from hydra.errors import MissingConfigException, OverrideParseException
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+
+    cause = err.__cause__
+    if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and getattr(cause, "full_key", None):
+        if cause.full_key.split(".")[0] in {f.name for f in fields(TrainConfig)}:
+            return f"unknown config key {cause.full_key!r}: {_valid_keys(cause.full_key)}"
+    if isinstance(err, OverrideParseException):
+        return f"override {err.override!r}: {_first_line(err)} (https://hydra.cc/docs/advanced/override_grammar/basic)"
+    if isinstance(err, MissingConfigException) and err.options:
+        return f"{_first_line(err)}; available: {', '.join(err.options)}"
+    if isinstance(err, yaml.YAMLError):
+        mark = getattr(err, "problem_mark", None)
+        return f"{mark.name if mark else 'a config file'}, {describe_yaml_error(err)}"
+    if isinstance(err, UnicodeDecodeError):
+        return _describe_undecodable_config(err)
+    if isinstance(err, (FileExistsError, NotADirectoryError)):  # Hydra creating the run directory
+        problem = "it is a file" if isinstance(err, FileExistsError) else "a file stands in its path"
+        return (
+            f"cannot create the run directory {err.filename}: {problem}; run_dir= (hydra.run.dir=, "
+            f"hydra.sweep.dir= in a multirun) must name a directory, new or existing"
+        )
+    if isinstance(err, OSError):
+        return f"{err.filename}: {err.strerror}" if err.filename else str(err)
+    if isinstance(cause, OmegaConfBaseException):
+        return f"{_first_line(err).rstrip('.')}: {_first_line(cause)}"
+    return _first_line(err)
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__
+
+
+def _describe_undecodable_config(err: UnicodeDecodeError) -> str:
+    """The config file that is not UTF-8, with its line. Hydra's error does not name the file: it is
+    the ``full_path`` of Hydra's file config source, the innermost frame that has one."""
+    path, tb = None, err.__traceback__
+    while tb is not None:
+        path = tb.tb_frame.f_locals.get("full_path", path)
+        tb = tb.tb_next
+    if not isinstance(path, str) or not os.path.isfile(path):
+        return f"a config file is not UTF-8 text ({err}); save it as UTF-8"
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as whole:
+        return f"{path}, {describe_undecodable(data, whole)}"
+    return f"{path}: not UTF-8 text ({err}); save it as UTF-8"
 
 
 def register_configs() -> None:

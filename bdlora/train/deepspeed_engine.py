@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -93,6 +94,7 @@ def initialize(model: nn.Module, optimizer, scheduler, ctx: RunContext, ds_confi
     its DP and TP sizes checked against the mesh."""
     if ctx.device.type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    use_prebuilt_ops()
     import deepspeed
 
     _local_rank_for_a_world_of_one()
@@ -109,6 +111,16 @@ def initialize(model: nn.Module, optimizer, scheduler, ctx: RunContext, ds_confi
     )
     check_engine_layout(engine.dp_world_size, engine.mp_world_size, ctx)
     return engine
+
+
+def use_prebuilt_ops() -> None:
+    """DeepSpeed's ops as ``make setup`` compiled them into the environment
+    (``<sys.prefix>/torch_extensions``), unless ``TORCH_EXTENSIONS_DIR`` says otherwise: without it
+    torch compiles them again into the user's cache (about 30 s). ``launch/deepspeed.sh`` and the
+    tests apply the same rule; here it holds for every launcher (torchrun, srun, a plain process)."""
+    prebuilt = Path(sys.prefix) / "torch_extensions"
+    if not os.environ.get("TORCH_EXTENSIONS_DIR") and prebuilt.is_dir():
+        os.environ["TORCH_EXTENSIONS_DIR"] = str(prebuilt)
 
 
 def _local_rank_for_a_world_of_one() -> None:

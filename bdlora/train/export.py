@@ -13,6 +13,9 @@ present) written at any TP degree: its ``trainer_state.json`` says how the base 
 
 Every output is written into a hidden ``.<out>.partial-*`` directory beside ``out`` and renamed into
 place when complete, so an interrupted export never leaves a half-written directory under ``out``.
+Each holds ``bdlora_export.json`` (what was exported, from which checkpoint): ``--force`` replaces a
+directory that has one, and refuses any other non-empty directory, the current one, and any that
+holds the current directory or the run.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
@@ -45,10 +49,14 @@ from bdlora.plan import Plan, resolve_plan
 from bdlora.presets import build_model as build_preset
 from bdlora.train.checkpoint import COMPLETE, STATE, newest_intact, verify_checkpoint
 from bdlora.train.config import ModelConfig
-from bdlora.train.data import Tokenizer, build_tokenizer
+from bdlora.train.data import ByteTokenizer, Tokenizer, build_tokenizer
 from bdlora.train.modeling import resolve_model_dir, tokenizer_for
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
+
 FORMATS = ("peft-bdlora", "peft-lora", "merged")
+MARKER = "bdlora_export.json"  # in every export: what --force may replace
 # weights in formats other than safetensors: never copied into a merged export, where they would
 # sit beside the merged safetensors still holding the unmerged base
 UNMERGED_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx")
@@ -129,10 +137,55 @@ def load_model(run: TrainedRun, model_dir: Path | None, adapter: bool = True) ->
     return model.eval()
 
 
-def _save_tokenizer_override(cfg: ModelConfig, out: Path) -> None:
-    """A run trained with ``model.tokenizer`` set keeps that tokenizer beside its merged weights."""
+# --- the run's tokenizer, beside merged weights --------------------------------------------------
+
+
+def save_tokenizer(cfg: ModelConfig, model_dir: Path | None, out: Path) -> str:
+    """Write the tokenizer the run trained with (``tokenizer_for``) into ``out``; returns what it was.
+
+    A model directory's own tokenizer is already there (``merge_streaming`` copies it); a
+    ``model.tokenizer`` replaces it; the byte tokenizer is written as :func:`hf_byte_tokenizer`.
+    """
     if cfg.tokenizer not in (None, "bytes"):
         build_tokenizer(cfg.tokenizer).tokenizer.save_pretrained(out)
+        return f"model.tokenizer={cfg.tokenizer}"
+    if cfg.tokenizer is None and model_dir is not None:
+        return f"the base model's own, from {model_dir}"
+    hf_byte_tokenizer().save_pretrained(out)
+    return f"UTF-8 bytes, eos id {ByteTokenizer.eos_token_id}"
+
+
+def hf_byte_tokenizer() -> PreTrainedTokenizerFast:
+    """:class:`ByteTokenizer` as a transformers tokenizer: ``AutoTokenizer.from_pretrained`` loads it
+    and encodes text to its UTF-8 bytes, with id 0 (the NUL byte) as the eos token ``</s>``.
+
+    A byte-level BPE without merges: the pre-tokenizer maps each byte to a printable character
+    (GPT-2's table) and the vocabulary gives that character the byte's value as its id. A literal
+    ``</s>`` in text stays four bytes (``split_special_tokens``), as it does in training.
+    """
+    from tokenizers import Tokenizer as Backend  # noqa: PLC0415
+    from tokenizers import decoders, models, pre_tokenizers  # noqa: PLC0415
+    from transformers import PreTrainedTokenizerFast  # noqa: PLC0415
+
+    eos = ByteTokenizer.eos_token_id
+    vocab = {char: byte for byte, char in _gpt2_byte_chars().items() if byte != eos}
+    backend = Backend(models.BPE({"</s>": eos, **vocab}, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        eos_token="</s>",
+        split_special_tokens=True,
+        clean_up_tokenization_spaces=False,
+    )
+
+
+def _gpt2_byte_chars() -> dict[int, str]:
+    """Byte -> the character ``tokenizers``' ByteLevel pre-tokenizer maps it to: printable Latin-1
+    bytes stand for themselves, the other 68 for U+0100 onwards in byte order."""
+    printable = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), 256)}
+    others = iter(range(256, 512))
+    return {byte: chr(byte if byte in printable else next(others)) for byte in range(256)}
 
 
 # --- streaming merge -----------------------------------------------------------------------------
@@ -235,13 +288,30 @@ def _write_tensor(dst, data_start: int, entry: dict, value: torch.Tensor, where:
 
 
 def _check_out(out: Path, force: bool, protected: list[Path]) -> None:
+    """Refuse, before anything is written, an ``out`` that replacing would lose something: the current
+    directory or one above it, what the export reads, and a non-empty directory no export wrote."""
+    where, cwd = out.resolve(), Path.cwd().resolve()
+    if where == cwd or where in cwd.parents:
+        raise ExportError(
+            f"--out {out} is the current directory or holds it; the export replaces --out as a whole: "
+            f"give a new directory, e.g. --out {cwd / 'export'}"
+        )
     for path in protected:
-        if out.resolve() == path.resolve() or out.resolve() in path.resolve().parents:
+        if where == path.resolve() or where in path.resolve().parents:
             raise ExportError(f"--out {out} would replace {path}, which the export reads; pick another")
     if out.exists() and not out.is_dir():
         raise ExportError(f"--out {out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise ExportError(f"--out {out} exists and is not empty; pick a new path or pass --force")
+    found = sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir()) if out.is_dir() else []
+    if not found:
+        return
+    if not (out / MARKER).is_file():
+        listed = ", ".join(found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
+        raise ExportError(
+            f"--out {out} exists and is not empty ({listed}) and holds no {MARKER}, so bdlora export "
+            f"did not write it; --force replaces only an earlier export: pick a new path"
+        )
+    if not force:
+        raise ExportError(f"--out {out} holds an earlier export: pick a new path, or --force to replace it")
 
 
 @contextmanager
@@ -253,14 +323,22 @@ def staged_dir(out: Path) -> Iterator[Path]:
         yield tmp
         _usual_modes(tmp)
         if out.exists():  # replaced only now, so a failed export keeps what was there
-            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
-            out.rename(old / out.name)
-            tmp.rename(out)
-            shutil.rmtree(old)
+            _replace(out, tmp)
         else:
             tmp.rename(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _replace(out: Path, new: Path) -> None:
+    old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
+    try:
+        out.rename(old / out.name)
+    except OSError as err:  # a mount point, say: nothing moved, so nothing is left behind
+        old.rmdir()
+        raise ExportError(f"--out {out} cannot be replaced ({err.strerror}); pick another") from err
+    new.rename(out)
+    shutil.rmtree(old)
 
 
 def _usual_modes(directory: Path) -> None:
@@ -280,22 +358,35 @@ def export(path: str | Path, format: str, out: str | Path, force: bool = False) 
     ``merged`` from a model directory (``model.source`` ``path`` or ``smollm2``) streams the merge
     tensor by tensor (:func:`merge_streaming`), so the full model is never in memory; a preset has
     no weights on disk, so it is built (tiny), merged in memory and written with ``save_pretrained``.
+    A merged export holds the run's tokenizer (:func:`save_tokenizer`).
     """
     if format not in FORMATS:
         raise ExportError(f"unknown format {format!r}; valid: {', '.join(FORMATS)}")
-    run, out = open_run(path), Path(out)
+    run, out = open_run(path), Path(os.path.abspath(out))  # abspath: "." and ".." get a name
     model_dir = resolve_model_dir(run.model, is_main=True)
     _check_out(out, force, [run.checkpoint, *([model_dir] if model_dir else [])])
+    record = {"format": format, "checkpoint": str(run.checkpoint.resolve()), "step": run.step}
     with staged_dir(out) as tmp:
         if format == "merged" and model_dir is not None:
             merge_streaming(model_dir, run.checkpoint, tmp)
         elif format == "merged":
-            merge_and_unload(load_model(run, model_dir)).save_pretrained(tmp)
+            _merged_preset(run).save_pretrained(tmp)
         else:
             save_adapter(load_model(run, model_dir), tmp, format=format)
         if format == "merged":
-            _save_tokenizer_override(run.model, tmp)
+            record["tokenizer"] = save_tokenizer(run.model, model_dir, tmp)
+        (tmp / MARKER).write_text(json.dumps(record, indent=1) + "\n")
     return run
+
+
+def _merged_preset(run: TrainedRun) -> nn.Module:
+    """The merged preset model, with the eos id the run packed examples with: a preset's config has
+    its architecture's default (Llama's 2), the byte tokenizer's is 0; ``generate`` stops at it."""
+    model = merge_and_unload(load_model(run, None))
+    if run.model.tokenizer in (None, "bytes"):
+        model.config.eos_token_id = ByteTokenizer.eos_token_id
+        model.generation_config.eos_token_id = ByteTokenizer.eos_token_id
+    return model
 
 
 # --- generation ----------------------------------------------------------------------------------

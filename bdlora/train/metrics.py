@@ -46,8 +46,11 @@ class MetricsLogger:
             return
         if cfg.jsonl:
             path = run_dir / "metrics.jsonl"
-            _drop_records_after(path, start_step)
-            self._file = open(path, "a", buffering=1)  # noqa: SIM115
+            # a run from step 0 (a new one, or a restart that found no checkpoint) logs step 0 again
+            # and every step after it: whatever an earlier start logged goes, as after a resume
+            if start_step:
+                _drop_records_after(path, start_step)
+            self._file = open(path, "a" if start_step else "w", buffering=1)  # noqa: SIM115
         if cfg.progress:
             from tqdm import tqdm
 

@@ -102,12 +102,14 @@ def _run(cfg: TrainConfig, ctx: RunContext, overrides: list[str], hydra_yaml: st
     finally:
         logger.close()
     on_all_ranks(logger.raise_failure)
-    final_eval = evaluate() if last is None or "eval_loss" not in last else last
+    evaluated = last is not None and "eval_loss" in last  # the last step evaluated
+    final_eval = {k: v for k, v in last.items() if k.startswith("eval_")} if evaluated else evaluate()
     adapter_dir = ctx.run_dir / "adapter"
     with ds.full_parameters(engine):
         if ctx.tp.size > 1 or ctx.is_main:  # sharded: every rank gathers; replicated: rank 0 alone saves
             save_adapter(model, adapter_dir, format=cfg.checkpoint.export_format)
-    summary = (first_loss, last, initial_eval, final_eval, checkpointer, adapter_dir, plan.params)
+    session = range(start + 1, cfg.steps + 1)  # the steps this start ran
+    summary = (session, first_loss, last, initial_eval, final_eval, checkpointer, adapter_dir, plan.params)
     on_all_ranks(lambda: _print_summary(ctx, *summary) if ctx.is_main else None)
     if engine is not None:
         engine.destroy()  # DeepSpeed's hooks and buffers go before the process group does
@@ -274,8 +276,19 @@ def _run_config_files(config: dict, overrides: list[str], hydra_yaml: str | None
 
 
 def _print_summary(
-    ctx: RunContext, first_loss, last, initial_eval, final_eval, checkpointer, adapter_dir, plan_params
+    ctx: RunContext,
+    session: range,
+    first_loss,
+    last,
+    initial_eval,
+    final_eval,
+    checkpointer,
+    adapter_dir,
+    plan_params,
 ) -> None:
+    """The run's closing lines, and ``summary.json``: ``final``, the last step's train metrics (None
+    if this start ran no step); ``eval``, the final eval. The train loss covers the steps this start
+    ran (``session``; from ``first_step`` in the JSON), which for a resumed run the line says."""
     if not ctx.is_main:
         return
     lines = [
@@ -284,7 +297,8 @@ def _print_summary(
         f"mesh            dp={ctx.dp_size} x tp={ctx.tp.size} ({ctx.world_size} ranks, {ctx.device.type})",
     ]
     if first_loss is not None:
-        lines.append(f"train loss      {first_loss:.4f} -> {last['loss']:.4f}")
+        steps = f" (steps {session[0]}-{session[-1]}, this session)" if session[0] > 1 else ""
+        lines.append(f"train loss      {first_loss:.4f} -> {last['loss']:.4f}{steps}")
     if "eval_loss" in final_eval:
         before = f"{initial_eval['eval_loss']:.4f} -> " if initial_eval else ""
         lines.append(
@@ -302,8 +316,9 @@ def _print_summary(
         json.dumps(
             {
                 "run_dir": str(ctx.run_dir),
+                "first_step": session.start if session else None,
                 "first_loss": first_loss,
-                "final": last,
+                "final": None if last is None else {k: v for k, v in last.items() if k not in final_eval},
                 "eval": final_eval,
                 "adapter": str(adapter_dir),
                 "adapter_params": plan_params,

@@ -4,7 +4,7 @@ A sweep directory (``multirun/<experiment>/<stamp>``) holds one subdirectory per
 number; each job leaves these files, all of which may be missing when it failed early:
 
 =========================  =========================================================================
-``.hydra/overrides.yaml``  the job's Hydra overrides (written when the job starts)
+``.hydra/overrides.yaml``  the job's Hydra overrides (written once its checks pass, or on failure)
 ``plan.json``              the resolved adapter: ``params`` is its parameter count
 ``metrics.jsonl``          one record per logged step; a killed job may leave a torn last line
 ``summary.json``           written only when the job finished: final train and eval metrics
@@ -29,7 +29,7 @@ import yaml
 
 from bdlora.train.metrics import read_metrics
 
-UNFINISHED = "no summary.json or error.txt (killed, still running, or stopped by a bad setting: see its log)"
+UNFINISHED = "no summary.json or error.txt (killed or still running: see its log)"
 COLUMNS = (
     "job",
     "overrides",
@@ -160,10 +160,12 @@ def _error_of(job_dir: Path) -> str:
 
 def _set_override_labels(jobs: list[dict[str, Any]]) -> None:
     """Each job's ``overrides``: only the settings that differ between jobs, since the ones every job
-    shares say nothing about the differences in the table (all of them when none differ)."""
+    shares say nothing about the differences in the table (all of them when none differ). A job
+    whose overrides are unknown (killed before it wrote them) differs in nothing."""
     parsed = [dict(o.partition("=")[::2] for o in job["override_list"]) for job in jobs]
-    keys = list(dict.fromkeys(k for p in parsed for k in p))
-    varying = [k for k in keys if len({p.get(k) for p in parsed}) > 1] or keys
+    known = [p for p in parsed if p]
+    keys = list(dict.fromkeys(k for p in known for k in p))
+    varying = [k for k in keys if len({p.get(k) for p in known}) > 1] or keys
     for job, settings in zip(jobs, parsed):
         job["overrides"] = " ".join(f"{k}={settings[k]}" for k in varying if k in settings)
         del job["override_list"]
