@@ -17,6 +17,8 @@ import yaml
 
 from tests.test_train import train
 
+pytestmark = pytest.mark.slow  # every test starts a bdlora command in a subprocess
+
 TINY = ["eval_every=0", "data.num_examples=200", "data.seq_len=32", "logger.progress=false"]
 MALFORMED_YAML = b"# @package _global_\nsteps: 2\n  eval_every: [1\n"  # line 3: an indented key
 NOT_UTF8_YAML = b"# @package _global_\nsteps: 2\nrun_name: caf\xe9\n"  # line 3: latin-1 e-acute
@@ -157,7 +159,6 @@ def test_a_refused_start_keeps_a_directory_that_existed(tmp_path):
     assert run_dir.is_dir() and not any(run_dir.iterdir())
 
 
-@pytest.mark.slow
 def test_a_multirun_job_refused_by_a_setting_leaves_its_message_for_the_sweep_report(tmp_path):
     sweep = tmp_path / "sweep"
     result = train(1, "-m", *TINY, "steps=2,-3", f"run_dir={sweep}", cwd=tmp_path)

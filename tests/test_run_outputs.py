@@ -30,6 +30,8 @@ from tests.test_train import (
     wait_for_step,
 )
 
+pytestmark = pytest.mark.slow  # every test starts a bdlora command in a subprocess
+
 BDLORA = str(Path(sys.executable).with_name("bdlora"))  # the console script beside this Python
 TEXTS = ["Q: copy abc\nA: ", "héllo wörld ☃ 日本 🙂", "  tabs\tand\nnewlines  ", "a literal </s> stays bytes"]
 
@@ -137,7 +139,6 @@ def finished_run(tmp_path_factory) -> Path:
     return cwd / "run"
 
 
-@pytest.mark.slow
 def test_summary_json_holds_each_metric_once(finished_run):
     summary = json.loads((finished_run / "summary.json").read_text())
     last = read_metrics(finished_run)[-1]
@@ -147,7 +148,6 @@ def test_summary_json_holds_each_metric_once(finished_run):
     assert (summary["first_step"], summary["final"]["loss"]) == (1, last["loss"])
 
 
-@pytest.mark.slow
 def test_resumed_run_says_its_train_loss_covers_this_session_only(finished_run, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(finished_run, run_dir)
@@ -162,7 +162,6 @@ def test_resumed_run_says_its_train_loss_covers_this_session_only(finished_run, 
     assert json.loads((run_dir / "summary.json").read_text())["first_step"] == 3
 
 
-@pytest.mark.slow
 def test_restart_after_ctrl_c_before_the_first_checkpoint_logs_each_step_once(tmp_path):
     run_dir = tmp_path / "run"
     args = [*TRAIN_ARGS, "eval_every=2", "checkpoint.every=1000"]  # step 0 is the base model's eval
@@ -197,7 +196,6 @@ def test_restart_after_ctrl_c_before_the_first_checkpoint_logs_each_step_once(tm
 # --- DeepSpeed: the environment's prebuilt op, whatever starts the run ----------------------------
 
 
-@pytest.mark.slow
 @pytest.mark.skipif(
     not (Path(sys.prefix) / "torch_extensions").is_dir(),
     reason="no prebuilt DeepSpeed op in this environment (make setup builds it)",
