@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -172,11 +173,14 @@ def test_restart_after_ctrl_c_before_the_first_checkpoint_logs_each_step_once(tm
             env=train_env(),
             stdout=log,
             stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group, as a terminal's foreground job
         )
         try:
             seen = wait_for_step(proc, run_dir / "metrics.jsonl", 1, timeout=RUN_TIMEOUT)
-            proc.send_signal(signal.SIGINT)  # Ctrl-C
+            os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: the terminal signals the whole group
             proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            pytest.fail("Ctrl-C did not stop the run:\n" + (tmp_path / "interrupted.log").read_text()[-3000:])
         finally:
             if proc.poll() is None:
                 proc.kill()

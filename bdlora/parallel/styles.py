@@ -252,8 +252,8 @@ def _check_whole_blocks(nblocks: int, tp: int) -> None:
     if tp == 1 or nblocks % tp == 0:
         return
     if nblocks == 1:
-        what = "nblocks=1 is dense LoRA (no block-diagonal factor); a BD-LoRA-sharded model holds whole "
-        what, there = what + "blocks per rank, which a dense factor has not", "at TP 1"
+        what = f"nblocks=1 is dense LoRA (no block-diagonal factor); at the TP degree {tp} a BD-LoRA-sharded "
+        what, there = what + "model holds whole blocks per rank, which a dense factor has not", "at TP 1"
     else:
         what = f"nblocks={nblocks} is not divisible by the TP degree {tp}: a BD-LoRA-sharded model holds "
         what, there = what + "whole blocks per rank", f"at a TP degree dividing nblocks={nblocks}"
