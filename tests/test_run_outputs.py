@@ -166,15 +166,21 @@ def test_resumed_run_says_its_train_loss_covers_this_session_only(finished_run, 
 def test_restart_after_ctrl_c_before_the_first_checkpoint_logs_each_step_once(tmp_path):
     run_dir = tmp_path / "run"
     args = [*TRAIN_ARGS, "eval_every=2", "checkpoint.every=1000"]  # step 0 is the base model's eval
+    # Ctrl-C's default action, as in a terminal: a shell without job control (CI's) starts background
+    # commands with SIGINT ignored, which exec keeps; a handled signal is reset to its default
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     with (tmp_path / "interrupted.log").open("w") as log:
-        proc = subprocess.Popen(
-            train_command(1, *args, "steps=100000", f"run_dir={run_dir}"),
-            cwd=tmp_path,
-            env=train_env(),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own process group, as a terminal's foreground job
-        )
+        try:
+            proc = subprocess.Popen(
+                train_command(1, *args, "steps=100000", f"run_dir={run_dir}"),
+                cwd=tmp_path,
+                env=train_env(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own process group, as a terminal's foreground job
+            )
+        finally:
+            signal.signal(signal.SIGINT, previous)
         try:
             seen = wait_for_step(proc, run_dir / "metrics.jsonl", 1, timeout=RUN_TIMEOUT)
             os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: the terminal signals the whole group
