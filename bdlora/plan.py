@@ -316,15 +316,30 @@ def check_plan_tp(plan: Plan, tp: int, whole_blocks: bool = True) -> None:
     each rank holds whole blocks, aligned with its base shard."""
     if tp == 1:
         return
-    if whole_blocks and plan.global_nblocks % tp:
-        n = plan.global_nblocks
-        raise BDLoraConfigError(
-            f"nblocks={n} is not divisible by the TP degree {tp}: each rank must hold whole "
-            f"blocks. Use nblocks among multiples of {tp} (e.g. {tp}, {2 * tp}) or tp dividing {n}"
-        )
+    if whole_blocks:
+        _check_whole_blocks(plan.global_nblocks, tp)
     for m in plan.modules:
         if m.rank % tp:
             raise BDLoraConfigError(
                 f"module {m.name!r}: rank {m.rank} (pattern {m.settings.pattern or '-'}) is not divisible "
                 f"by the TP degree {tp}"
             )
+
+
+def _check_whole_blocks(nblocks: int, tp: int) -> None:
+    """Each rank holds whole blocks: ``nblocks`` a multiple of ``tp``; dense LoRA (one block) never is."""
+    if tp == 1 or nblocks % tp == 0:
+        return
+    if nblocks == 1:
+        what = f"nblocks=1 is dense LoRA (no block-diagonal factor); at the TP degree {tp} a BD-LoRA-sharded "
+        what, there = what + "model holds whole blocks per rank, which a dense factor has not", "at TP 1"
+    else:
+        what = f"nblocks={nblocks} is not divisible by the TP degree {tp}: a BD-LoRA-sharded model holds "
+        what, there = what + "whole blocks per rank", f"at a TP degree dividing nblocks={nblocks}"
+    raise BDLoraConfigError(
+        f"{what}. A new adapter: nblocks among multiples of {tp} (e.g. {tp}, {2 * tp}), or dense LoRA "
+        f"with sharding='slora'. A saved one: load it on a model sharded the S-LoRA way, "
+        f"bdlora.from_pretrained(..., sharding='slora', adapter_dir=DIR) (a block-diagonal factor "
+        f"expanded to the dense one it equals; its forward adds S-LoRA's (tokens, r) collectives), or "
+        f"{there}"
+    )

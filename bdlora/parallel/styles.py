@@ -122,6 +122,7 @@ class TPSharding(ABC):
     """
 
     name: ClassVar[str]
+    whole_blocks: ClassVar[bool]  # each rank holds whole blocks of the block-diagonal factor
 
     def __init__(self, layer_name: str, tp: TPGroup, layout: LinearLayout) -> None:
         self.layer_name, self.tp, self.layout = layer_name, tp, layout
@@ -132,10 +133,9 @@ class TPSharding(ABC):
         return config
 
     @classmethod
-    @abstractmethod
     def check_plan(cls, plan: Plan, tp: int, layouts: dict[str, LinearLayout]) -> None:
         """Every adapted module is sharded by the TP plan and its factors split evenly."""
-        check_plan_tp(plan, tp, whole_blocks=False)
+        check_plan_tp(plan, tp, whole_blocks=cls.whole_blocks)
         loose = [m.name for m in plan.modules if m.name not in layouts]
         if tp > 1 and loose:
             raise BDLoraConfigError(
@@ -223,11 +223,11 @@ class BDLoraTP(TPSharding):
     """BD-LoRA under TP: every factor shard lines up with the base shard; adds no collective."""
 
     name: ClassVar[str] = "bdlora"
+    whole_blocks: ClassVar[bool] = True
 
     @classmethod
     def check_plan(cls, plan: Plan, tp: int, layouts: dict[str, LinearLayout]) -> None:
         super().check_plan(plan, tp, layouts)
-        _check_whole_blocks(plan.global_nblocks, tp)
         for m in plan.modules:
             _check_packed(m, layouts.get(m.name), tp, plan.global_nblocks)
 
@@ -247,25 +247,6 @@ class BDLoraTP(TPSharding):
         return layer.partial_forward(x)
 
 
-def _check_whole_blocks(nblocks: int, tp: int) -> None:
-    """Each rank holds whole blocks: ``nblocks`` a multiple of ``tp``; dense LoRA (one block) never is."""
-    if tp == 1 or nblocks % tp == 0:
-        return
-    if nblocks == 1:
-        what = f"nblocks=1 is dense LoRA (no block-diagonal factor); at the TP degree {tp} a BD-LoRA-sharded "
-        what, there = what + "model holds whole blocks per rank, which a dense factor has not", "at TP 1"
-    else:
-        what = f"nblocks={nblocks} is not divisible by the TP degree {tp}: a BD-LoRA-sharded model holds "
-        what, there = what + "whole blocks per rank", f"at a TP degree dividing nblocks={nblocks}"
-    raise BDLoraConfigError(
-        f"{what}. A new adapter: nblocks among multiples of {tp} (e.g. {tp}, {2 * tp}), or dense LoRA "
-        f"with sharding='slora'. A saved one: load it on a model sharded the S-LoRA way, "
-        f"bdlora.from_pretrained(..., sharding='slora', adapter_dir=DIR) (a block-diagonal factor "
-        f"expanded to the dense one it equals; its forward adds S-LoRA's (tokens, r) collectives), or "
-        f"{there}"
-    )
-
-
 def _check_packed(m: ModulePlan, layout: LinearLayout | None, tp: int, nblocks: int) -> None:
     if layout is None or layout.segments == 1 or tp == 1:
         return
@@ -281,14 +262,11 @@ class SLoraTP(TPSharding):
     """The S-LoRA baseline: dense LoRA whose factor shards need the ``(tokens, r)`` collectives."""
 
     name: ClassVar[str] = "slora"
+    whole_blocks: ClassVar[bool] = False
 
     @classmethod
     def adapter_config(cls, config: BDLoraConfig) -> BDLoraConfig:
         return replace(config, nblocks=1)  # dense LoRA
-
-    @classmethod
-    def check_plan(cls, plan: Plan, tp: int, layouts: dict[str, LinearLayout]) -> None:
-        super().check_plan(plan, tp, layouts)
 
     @classmethod
     def check_layer(cls, name: str, layer: BDLoraLinear) -> None:
