@@ -94,11 +94,15 @@ class BDLoraConfig:
     dropout: float = 0.0
     init: str = "lora"
     target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
+    # MoE expert tensors to adapt (PEFT's name): "gate_up_proj", "down_proj", or keys like
+    # "layers\\.[0-3]\\..*experts.down_proj"; matched against "<experts module>.<tensor>"
+    target_parameters: list[str] = field(default_factory=list)
     patterns: dict[str, dict[str, Any] | None] = field(default_factory=dict)
     on_unmatched_pattern: str = "error"  # or "warn", "ignore"
 
     def __post_init__(self) -> None:
         self.target_modules = list(self.target_modules)
+        self.target_parameters = list(self.target_parameters or [])
         self.patterns = dict(self.patterns or {})
         self.validate()
 
@@ -115,6 +119,9 @@ class BDLoraConfig:
         if not self.target_modules:
             raise BDLoraConfigError("target_modules is empty: name at least one module, e.g. 'q_proj'")
         self._targets = [compile_key(k, f"target_modules entry {k!r}") for k in self.target_modules]
+        self._param_targets = [
+            compile_key(k, f"target_parameters entry {k!r}") for k in self.target_parameters
+        ]
         _check_settings(self.defaults(), "global settings", self.nblocks)
         self._compiled: list[tuple[str, re.Pattern[str], dict[str, Any] | None]] = []
         for key, overrides in self.patterns.items():
@@ -149,6 +156,10 @@ class BDLoraConfig:
     # -- matching ---------------------------------------------------------------------------
     def is_target(self, name: str) -> bool:
         return any(regex.fullmatch(name) for regex in self._targets)
+
+    def is_target_parameter(self, name: str) -> bool:
+        """Whether expert tensor ``name`` (``<experts module>.gate_up_proj``) is adapted."""
+        return any(regex.fullmatch(name) for regex in self._param_targets)
 
     def match(self, name: str) -> tuple[str | None, ModuleSettings | None]:
         """The deciding pattern key and the module's settings (None: excluded by that key)."""

@@ -205,8 +205,7 @@ class BDLoraLinear(nn.Module):
         """Allocate adapter ``name`` (global ``rank``, ``nblocks``), factors left to ``set_factors``."""
         if name in self.lora_A:
             raise ValueError(f"adapter {name!r} already exists on this layer; delete it first")
-        d_out, d_in = self.global_shape
-        shape_a, shape_b = global_factor_shapes(self.role, d_in, d_out, rank, nblocks)
+        shape_a, shape_b = self.factor_shapes(rank, nblocks)
         w = self.weight
         a_full = torch.empty(shape_a, dtype=w.dtype, device="meta")
         b_full = torch.empty(shape_b, dtype=w.dtype, device="meta")
@@ -217,6 +216,16 @@ class BDLoraLinear(nn.Module):
         self.scaling[name] = scale
         self.local_nblocks[name] = self.tp_style.local_nblocks(nblocks) if self.tp_style else nblocks
         self.set_adapter(self.active_adapter or name)  # the new adapter trains only once active
+
+    def factor_shapes(self, rank: int, nblocks: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Unsharded (A, B) shapes, the block-diagonal factor packed."""
+        d_out, d_in = self.global_shape
+        return global_factor_shapes(self.role, d_in, d_out, rank, nblocks)
+
+    @torch.no_grad()
+    def init_full(self, a: torch.Tensor, b: torch.Tensor, init: str, base_std: float, d_in: int) -> None:
+        """Initialise unsharded factors in place (``init_factors``)."""
+        init_factors(a, b, init, base_std, d_in)
 
     def _shard(self, a_full: torch.Tensor, b_full: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.tp_style is None:
@@ -284,7 +293,11 @@ class BDLoraLinear(nn.Module):
         The rank-sized activation h is scaled, not the d_out-sized output: a pass over (tokens, r)
         instead of (tokens, d_out), forward and backward.
         """
-        a, b, nblocks = self.lora_A[name], self.lora_B[name], self.local_nblocks[name]
+        return self.factor_delta(x, self.lora_A[name], self.lora_B[name], name)
+
+    def factor_delta(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, name: str) -> torch.Tensor:
+        """``scale * B (A x)`` for local factors ``a``, ``b`` of adapter ``name`` (``lora_delta``)."""
+        nblocks = self.local_nblocks[name]
         x = self.adapter_input(x, name)
         if self.role is Role.COLUMN:
             h = F.linear(x, a) * self.scaling[name]  # (..., r_local)

@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from bdlora.config import BDLoraConfig
-from bdlora.layers import BDLoraLinear, global_factor_shapes, init_factors
+from bdlora.experts import BDLoraExperts, is_experts, wrap_experts
+from bdlora.layers import BDLoraLinear
 from bdlora.plan import ModulePlan, resolve_plan
 from bdlora.roles import Role
 from bdlora.state import AdapterRecord, on_every_rank, release_, state_of
@@ -62,7 +63,8 @@ def add_adapter_(model: nn.Module, config: BDLoraConfig, adapter_name: str, init
     if state.parallel is not None:
         state.parallel.check_plan(plan)
     for mp in plan.modules:
-        _check_role(model.get_submodule(mp.name), mp)
+        if not mp.experts:  # an expert tensor's role is fixed
+            _check_role(model.get_submodule(mp.name), mp)
     model.requires_grad_(False)
     try:
         for mp in plan.modules:
@@ -95,22 +97,25 @@ def _remove_from_layers(model: nn.Module, adapter_name: str) -> None:
 
 def _init_adapter(layer: BDLoraLinear, adapter_name: str, mp: ModulePlan) -> None:
     """Initialise the unsharded factors, then keep this rank's shard: the same RNG draws at any TP."""
-    shape_a, shape_b = global_factor_shapes(mp.role, mp.d_in, mp.d_out, mp.rank, mp.global_nblocks)
+    shape_a, shape_b = layer.factor_shapes(mp.rank, mp.global_nblocks)
     w = layer.weight
     a_full = torch.empty(shape_a, dtype=w.dtype, device=w.device)
     b_full = torch.empty(shape_b, dtype=w.dtype, device=w.device)
     base_std = layer.weight_std() if mp.settings.init == "base_stats" else 0.0
-    init_factors(a_full, b_full, mp.settings.init, base_std, mp.d_in)
+    layer.init_full(a_full, b_full, mp.settings.init, base_std, mp.d_in)
     layer.set_factors(adapter_name, a_full, b_full)
 
 
 def wrap_linear(model: nn.Module, name: str, role: Role) -> BDLoraLinear:
     """The BDLoraLinear at ``name``, replacing a plain nn.Linear there on first use."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    if is_experts(parent):  # an expert tensor: its experts module becomes a BDLoraExperts
+        state_of(model, create=True)
+        return getattr(wrap_experts(model, parent_name), child)
     module = model.get_submodule(name)
     if isinstance(module, BDLoraLinear):
         return module
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
     layer = BDLoraLinear(module, role)
     setattr(parent, child, layer)
     state_of(model, create=True)
@@ -259,6 +264,11 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     for name, layer in list(bdlora_layers(model)):
         layer.merge()
         parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, layer.base_layer)
+        owner = model.get_submodule(parent) if parent else model
+        if not isinstance(owner, BDLoraExperts):
+            setattr(owner, child, layer.base_layer)
+    for name, experts in [(n, m) for n, m in model.named_modules() if isinstance(m, BDLoraExperts)]:
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, experts.base_module())
     release_(model)
     return model

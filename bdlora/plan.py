@@ -5,11 +5,12 @@ from __future__ import annotations
 import re
 import warnings
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from torch import nn
 
 from bdlora.config import BDLoraConfig, BDLoraConfigError, ModuleSettings
+from bdlora.experts import EXPERT_PARAMS, experts_modules, is_experts, is_transposed
 from bdlora.layers import is_adaptable, is_conv1d
 from bdlora.roles import Role, role_of
 
@@ -26,6 +27,11 @@ class ModulePlan:
     settings: ModuleSettings
     global_nblocks: int  # blocks of the unsharded adapter (the config's nblocks)
     fan_in_fan_out: bool = False  # a transformers Conv1D: its checkpoint stores W as (d_in, d_out)
+    experts: int = 0  # an expert tensor (``bdlora.experts``): one adapter per expert, this many
+
+    @property
+    def copies(self) -> int:
+        return max(1, self.experts)
 
     @property
     def rank(self) -> int:
@@ -35,13 +41,13 @@ class ModulePlan:
     def params(self) -> int:
         """BD-LoRA: r (d_in + d_out/N) for column layers, r (d_in/N + d_out) for row layers."""
         if self.role is Role.COLUMN:
-            return self.rank * (self.d_in + self.d_out // self.global_nblocks)
-        return self.rank * (self.d_in // self.global_nblocks + self.d_out)
+            return self.copies * self.rank * (self.d_in + self.d_out // self.global_nblocks)
+        return self.copies * self.rank * (self.d_in // self.global_nblocks + self.d_out)
 
     @property
     def lora_params(self) -> int:
-        """Standard LoRA at the same rank: r (d_in + d_out)."""
-        return self.rank * (self.d_in + self.d_out)
+        """Standard LoRA at the same rank: r (d_in + d_out) (per expert for expert tensors)."""
+        return self.copies * self.rank * (self.d_in + self.d_out)
 
     def params_per_rank(self, tp: int) -> int:
         """Every factor splits evenly over TP ranks (A on r or its blocks, B on d_out or r)."""
@@ -208,7 +214,10 @@ def resolve_plan(model: nn.Module, config: BDLoraConfig) -> Plan:
     plan = Plan(global_nblocks=config.nblocks, modules=[])
     targeted: list[str] = []
     for name, module in model.named_modules():
-        if not name or not config.is_target(name) or _is_adapter_part(name):
+        if is_experts(module):
+            _expert_plans(plan, name, module, config, targeted)
+            continue
+        if not name or not config.is_target(name) or _is_adapter_part(name) or _in_experts(model, name):
             continue
         sizes = _linear_sizes(module)
         if sizes is None:
@@ -226,11 +235,64 @@ def resolve_plan(model: nn.Module, config: BDLoraConfig) -> Plan:
             continue
         plan.modules.append(_module_plan(name, module, sizes, settings, config.nblocks, tp_plan))
     _check_patterns_used(config, targeted, plan)
+    _note_unadapted_experts(model, plan)
     if not plan.modules:
         raise BDLoraConfigError(_nothing_to_adapt(model, config, len(targeted), len(plan.excluded), tp_plan))
     if not tp_plan:
         plan.notes.append("the model config has no base_model_tp_plan: roles inferred from names")
     return plan
+
+
+def _in_experts(model: nn.Module, name: str) -> bool:
+    """A tensor module inside a MoE experts module: planned by ``_expert_plans``, not as a linear."""
+    parent = name.rpartition(".")[0]
+    return bool(parent) and is_experts(model.get_submodule(parent))
+
+
+def _expert_plans(
+    plan: Plan, name: str, module: nn.Module, config: BDLoraConfig, targeted: list[str]
+) -> None:
+    """Plan the expert tensors of experts module ``name`` that ``target_parameters`` names."""
+    for p_name, role in EXPERT_PARAMS.items():
+        full = f"{name}.{p_name}"
+        if not config.is_target_parameter(full):
+            continue
+        targeted.append(full)
+        key, settings = config.match(full)
+        if settings is None:
+            plan.excluded.append((full, f"pattern {key!r} -> None"))
+            continue
+        if settings.role is not None and settings.role is not role:
+            raise BDLoraConfigError(
+                f"patterns[{settings.pattern!r}] gives expert tensor {full!r} the {settings.role.value} "
+                f"role; its role is fixed: {role.value} (gate_up_proj column, down_proj row). Drop 'role'"
+            )
+        num_experts, d_out, d_in = _expert_shape(module, p_name)
+        mp = _module_plan(full, module, (d_in, d_out), replace(settings, role=role), config.nblocks, None)
+        plan.modules.append(
+            replace(
+                mp, role_source="expert tensor", experts=num_experts, fan_in_fan_out=is_transposed(module)
+            )
+        )
+
+
+def _expert_shape(module: nn.Module, p_name: str) -> tuple[int, int, int]:
+    """(E, d_out, d_in) of one expert tensor, unsharded (gpt-oss stores it transposed)."""
+    tensor = getattr(module, p_name)
+    if isinstance(tensor, nn.Module):  # bdlora's ExpertLinear, possibly sharded
+        return (tensor.num_experts, *tensor.global_shape)
+    e, d1, d2 = tensor.shape
+    return (e, d2, d1) if is_transposed(module) else (e, d1, d2)
+
+
+def _note_unadapted_experts(model: nn.Module, plan: Plan) -> None:
+    adapted = {m.name.rpartition(".")[0] for m in plan.modules if m.experts}
+    idle = [name for name, _ in experts_modules(model) if name not in adapted]
+    if idle:
+        plan.notes.append(
+            f"{len(idle)} MoE experts module(s) get no adapter (e.g. {idle[0]!r}), nearly all of the "
+            f"model's weights: adapt them with target_parameters=['gate_up_proj', 'down_proj']"
+        )
 
 
 def _is_adapter_part(name: str) -> bool:

@@ -214,8 +214,9 @@ def test_block_boundary_finds_the_activation_argument_or_names_the_module():
 
     x = torch.ones(2, 3)
     for residual in (False, True):
-        block = Block(residual)
-        BlockBoundary(BlockSpec("blk", ("blk.q",), "blk.o"), block, block.o, TPGroup(None))
+        block, holder = Block(residual), nn.Module()
+        holder.blk = block
+        BlockBoundary(BlockSpec("blk", ("blk.q",), "blk.o"), holder, TPGroup(None))
         if residual:  # g would sum the residual too
             with pytest.raises(TPPlacementError, match=r"module 'blk' returns more than .* 'blk\.o'"):
                 block(None, x)

@@ -20,9 +20,11 @@ from safetensors import safe_open
 from torch import nn
 
 from bdlora.config import BDLoraConfig, BDLoraConfigError
+from bdlora.experts import ExpertLinear
 from bdlora.fsutil import write_file_atomic
 from bdlora.layers import BDLoraLinear
 from bdlora.model import adapters_of, add_adapter_, remove_adapter_
+from bdlora.parallel.experts import ExpertLayout
 from bdlora.parallel.parallelize import sharding_of, tp_of
 from bdlora.parallel.styles import LinearLayout, TPSharding, sharding_class
 
@@ -69,17 +71,37 @@ def packed_segments(model: nn.Module, adapter_name: str) -> dict[str, int]:
     return out
 
 
+def expert_layouts(model: nn.Module, adapter_name: str) -> dict[str, dict]:
+    """Expert tensor -> how its shards split (gate/up segments, expert-parallel degree)."""
+    out = {}
+    for m in adapters_of(model)[adapter_name].plan.modules:
+        style = model.get_submodule(m.name).tp_style
+        if m.experts and style is not None:
+            out[m.name] = {"segments": style.layout.segments, "ep": style.layout.ep}
+    return out
+
+
+def saved_layout(meta: dict, name: str, layer: BDLoraLinear) -> LinearLayout | ExpertLayout:
+    """How module ``name``'s shards were split when the checkpoint ``meta`` describes was written."""
+    if isinstance(layer, ExpertLinear):
+        saved = meta.get("experts", {}).get(name, {})
+        return ExpertLayout(layer.role, saved.get("segments", 1), saved.get("ep", 1))
+    return LinearLayout(layer.role, meta.get("packed_segments", {}).get(name, 1))
+
+
 def layer_layout(layer: BDLoraLinear) -> LinearLayout:
     return layer.tp_style.layout if layer.tp_style is not None else LinearLayout(layer.role)
 
 
 def full_factors(
-    shards: list, key: str, layout: LinearLayout, sharding: type[TPSharding], suffix: str = ""
+    shards: list, key: str, layout: LinearLayout | ExpertLayout, sharding: type[TPSharding], suffix: str = ""
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Module ``key``'s unsharded (A, B), or factor-shaped state (``suffix``: ``.exp_avg``), read
     from every rank's shard file."""
     a_parts = [s.get_tensor(f"{key}.lora_A{suffix}") for s in shards]
     b_parts = [s.get_tensor(f"{key}.lora_B{suffix}") for s in shards]
+    if isinstance(layout, ExpertLayout):
+        return layout.unshard(a_parts, b_parts)
     return sharding.unshard_factors(layout, a_parts, b_parts)
 
 
@@ -109,6 +131,7 @@ def save_sharded_adapter(
             "tp": tp.size,
             "sharding": sharding,
             "packed_segments": packed_segments(model, adapter_name),
+            "experts": expert_layouts(model, adapter_name),
             "tp_plan": getattr(model.config, "base_model_tp_plan", None),  # the roles it was trained with
             "adapter_name": adapter_name,
             "config": adapters_of(model)[adapter_name].config.to_dict(),
@@ -129,17 +152,18 @@ def restore_adapter_(model: nn.Module, directory: str | Path, adapter_name: str 
     meta = read_shard_meta(directory)
     _check_sharding(meta, model, directory)
     live = adapters_of(model)[adapter_name].config.to_dict()
-    changed = sorted(k for k in live if live[k] != meta["config"].get(k))
+    saved = {**BDLoraConfig().to_dict(), **meta["config"]}  # fields added since: their defaults
+    changed = sorted(k for k in live if live[k] != saved.get(k))
     if changed:
         raise BDLoraConfigError(
             f"{directory} was saved with a different adapter config: "
             + ", ".join(f"{k}={meta['config'].get(k)!r} (now {live[k]!r})" for k in changed)
             + "; resume with the checkpoint's settings"
         )
-    sharding, segments = sharding_class(meta["sharding"]), meta.get("packed_segments", {})
+    sharding = sharding_class(meta["sharding"])
     with open_shards(Path(directory), "adapter", meta["tp"]) as shards:
         for name, layer in adapter_layers(model, adapter_name):
-            layout = LinearLayout(layer.role, segments.get(name, 1))
+            layout = saved_layout(meta, name, layer)
             layer.set_factors(adapter_name, *full_factors(shards, name, layout, sharding))
 
 

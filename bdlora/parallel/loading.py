@@ -32,6 +32,7 @@ def from_pretrained(
     dtype: torch.dtype = torch.float32,
     sharding: str = "bdlora",
     tp_plan: dict[str, str] | None = None,
+    ep: int = 1,
     vocab_parallel: bool = False,
     sequence_parallel: bool = False,
     adapter_dir: str | Path | None = None,
@@ -57,6 +58,7 @@ def from_pretrained(
     layout = dict(
         sharding=sharding,
         tp_plan=tp_plan,
+        ep=ep,
         vocab_parallel=vocab_parallel,
         sequence_parallel=sequence_parallel,
         activation_checkpointing=activation_checkpointing,

@@ -18,12 +18,13 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from bdlora.config import BDLoraConfig
+from bdlora.experts import experts_modules
 from bdlora.parallel.comm import TPGroup
 from bdlora.parallel.data_parallel import GradientAverager, skip_grad_sync
 from bdlora.parallel.mesh import check_in, on_all_ranks
 from bdlora.parallel.placement import BlockBoundary, BlockSpec, format_blocks
 from bdlora.parallel.sequence import SequenceParallel, apply_sequence_parallel_, decoder_parts
-from bdlora.parallel.sharding import check_model_tp, shard_tp_
+from bdlora.parallel.sharding import check_adapter_plan, check_model_tp, shard_tp_
 from bdlora.parallel.styles import BDLoraTP, LinearLayout, TPSharding, sharding_class
 from bdlora.parallel.vocab import VocabShard, check_vocab_parallel, shard_vocab_
 from bdlora.plan import Plan
@@ -49,6 +50,8 @@ class ParallelState:
     dp_group: dist.ProcessGroup | None = None
     dp_rank: int = 0
     dp_size: int = 1
+    ep: int = 1
+    model: nn.Module | None = field(default=None, repr=False)
     activation_checkpointing: bool = False
     grads: GradientAverager | None = None
     vocab: VocabShard | None = None
@@ -74,7 +77,8 @@ class ParallelState:
         return self.sharding_class.adapter_config(config)
 
     def check_plan(self, plan: Plan) -> None:
-        self.sharding_class.check_plan(plan, self.tp.size, self.layouts)
+        experts = dict(experts_modules(self.model)) if self.model is not None else {}
+        check_adapter_plan(plan, self.tp.size, self.sharding_class, self.layouts, experts, self.ep)
 
     def call_on_every_rank(self, op: str, fn: Callable[..., Any], *args: Any) -> Any:
         """Run ``fn`` as a call every rank makes: all ranks must enter it (``check_in``), and a
@@ -96,6 +100,7 @@ def parallelize(
     *,
     sharding: str = "bdlora",
     tp_plan: dict[str, str] | None = None,
+    ep: int = 1,
     vocab_parallel: bool = False,
     sequence_parallel: bool = False,
     activation_checkpointing: bool = False,
@@ -110,6 +115,9 @@ def parallelize(
        labels compute a vocabulary-parallel loss (``bdlora.parallel.vocab``).
        ``sequence_parallel`` (needs ``vocab_parallel``): activations between blocks are split along
        the sequence, f and g become all-gather and reduce-scatter (``bdlora.parallel.sequence``).
+       MoE experts (``bdlora.parallel.experts``): ``ep`` (dividing the TP degree) groups of ranks
+       each hold ``E/ep`` whole experts, split ``tp/ep`` ways inside the group; the MoE block's g
+       sums every rank's routed experts' partials with the shared expert's.
     2. Activation checkpointing of every decoder layer (transformers' non-reentrant checkpointing).
     3. DP over ``mesh["dp"]``: trainable gradients are averaged in backward; wrap all but the last
        micro-batch of an accumulation step in ``bdlora.no_sync(model)``.
@@ -130,7 +138,12 @@ def parallelize(
     tp_size = _tp_size(mesh)
     if tp_plan is not None:
         model.config.base_model_tp_plan = check_tp_plan(tp_plan)
-    blocks, layouts = check_model_tp(model, tp_size, cls) if tp_size > 1 else ([], {})
+    if ep != 1 and (not isinstance(ep, int) or ep < 1 or tp_size % ep):
+        raise ValueError(
+            f"ep={ep!r}: expert parallelism splits the experts over the TP group's ranks, so ep must "
+            f"divide the TP degree {tp_size}; valid: {[d for d in range(1, tp_size + 1) if tp_size % d == 0]}"
+        )
+    blocks, layouts = check_model_tp(model, tp_size, cls, ep) if tp_size > 1 else ([], {})
     _check_vocab_sequence(model, cls, vocab_parallel, sequence_parallel)
     if activation_checkpointing and not hasattr(model, "activation_checkpointing_enable"):
         raise ValueError(
@@ -138,9 +151,10 @@ def parallelize(
             f"activation_checkpointing_enable"
         )
     tp, dp_group, dp_rank, dp_size = _mesh_groups(mesh)
-    parallel = ParallelState(mesh, tp, cls, layouts=layouts, dp_group=dp_group)
+    parallel = ParallelState(mesh, tp, cls, layouts=layouts, dp_group=dp_group, model=model)
     parallel.dp_rank, parallel.dp_size = dp_rank, dp_size
-    parallel.blocks = shard_tp_(model, tp, cls, blocks, layouts) if blocks else []
+    parallel.ep = ep
+    parallel.blocks = shard_tp_(model, tp, cls, blocks, layouts, ep) if blocks else []
     if vocab_parallel and tp.size > 1:
         parallel.vocab = shard_vocab_(model, tp, defer_reduce=sequence_parallel)
     if sequence_parallel and tp.size > 1:

@@ -46,23 +46,40 @@ class TPPlacementError(BDLoraConfigError):
 
 @dataclass(frozen=True)
 class BlockSpec:
-    """One block of the TP plan: its parent module, the column layers it opens, the row layer closing it."""
+    """One block of the TP plan: its parent module, the column layers it opens, the row layer closing it.
+
+    A MoE block (``experts`` set) is the parent of a routed-experts module: its output is the
+    experts' partial sum plus a shared expert's (``row``, or None without one), reduced by one g.
+    """
 
     name: str
     columns: tuple[str, ...]
-    row: str
+    row: str | None
+    experts: str | None = None
+
+    @property
+    def rows(self) -> tuple[str, ...]:
+        return () if self.row is None else (self.row,)
 
 
-def plan_blocks(linears: list[tuple[str, Role]]) -> list[BlockSpec]:
-    """Group the plan's (name, role) linear layers into blocks; ambiguous layouts raise TPPlacementError."""
-    parents: dict[str, dict[Role, list[str]]] = {}
+def plan_blocks(linears: list[tuple[str, Role]], moe_blocks: dict[str, str] | None = None) -> list[BlockSpec]:
+    """Group the plan's (name, role) linear layers into blocks; ambiguous layouts raise TPPlacementError.
+
+    ``moe_blocks`` (MoE block -> its experts module): every linear under such a block (a shared
+    expert's) belongs to it, wherever it sits below.
+    """
+    moe_blocks = moe_blocks or {}
+    parents: dict[str, dict[Role, list[str]]] = {b: {Role.COLUMN: [], Role.ROW: []} for b in moe_blocks}
     for name, role in linears:
-        parent = name.rpartition(".")[0]
+        parent = next((b for b in moe_blocks if name.startswith(b + ".")), name.rpartition(".")[0])
         parents.setdefault(parent, {Role.COLUMN: [], Role.ROW: []})[role].append(name)
     blocks = []
     for parent, members in parents.items():
         columns, rows = members[Role.COLUMN], members[Role.ROW]
         where = repr(parent or "<root>")
+        if parent in moe_blocks and len(rows) == len(columns) == 0:
+            blocks.append(BlockSpec(parent, (), None, moe_blocks[parent]))
+            continue
         if len(rows) > 1:
             raise TPPlacementError(
                 f"module {where} holds {len(rows)} row-parallel layers {rows}: bdlora cannot tell which "
@@ -81,7 +98,7 @@ def plan_blocks(linears: list[tuple[str, Role]]) -> list[BlockSpec]:
                 f"row-parallel layer {rows[0]!r} has no column-parallel layer beside it under module "
                 f"{where}: nothing produces the sharded input it expects, so f has no place"
             )
-        blocks.append(BlockSpec(parent, tuple(columns), rows[0]))
+        blocks.append(BlockSpec(parent, tuple(columns), rows[0], moe_blocks.get(parent)))
     return blocks
 
 
@@ -95,7 +112,8 @@ def format_blocks(blocks: list[BlockSpec], tp: int, sharding: str = "bdlora") ->
     for block in blocks:
         match = re.search(r"\.(\d+)(\.|$)", block.name)
         template = block.name if match is None else re.sub(r"\.(\d+)(\.|$)", r".{}\2", block.name, count=1)
-        key = (template, tuple(map(_leaf, block.columns)), _leaf(block.row))
+        closing = [*map(_leaf, block.rows), *([_leaf(block.experts)] if block.experts else [])]
+        key = (template, tuple(map(_leaf, block.columns)), " + ".join(closing))
         grouped.setdefault(key, []).append(int(match.group(1)) if match else -1)
     lines = [
         f"TP communication at tp={tp}, placed from base_model_tp_plan (one block per parent module):",
@@ -105,7 +123,7 @@ def format_blocks(blocks: list[BlockSpec], tp: int, sharding: str = "bdlora") ->
     rows = []
     for (template, columns, row), layers in grouped.items():
         name = template.format("{" + _ranges(layers) + "}") if "{}" in template else template
-        rows.append((name, f"f -> {', '.join(columns)}", f"g <- {row}"))
+        rows.append((name, f"f -> {', '.join(columns) or row}", f"g <- {row}"))
     widths = [max(len(r[i]) for r in rows) for i in range(2)]
     lines += [f"  {n.ljust(widths[0])}  {f.ljust(widths[1])}  {g}" for n, f, g in rows]
     added = "no collective" if sharding == "bdlora" else "S-LoRA's all-gathers and all-reduces of (tokens, r)"
@@ -130,14 +148,16 @@ class BlockBoundary:
     ``sequence``: while its pass is split along the sequence, f gathers and g reduce-scatters.
     """
 
-    def __init__(self, spec: BlockSpec, module: nn.Module, row: nn.Module, tp: TPGroup) -> None:
+    def __init__(self, spec: BlockSpec, model: nn.Module, tp: TPGroup) -> None:
         self.spec, self.tp = spec, tp
         self.sequence: SequenceParallel | None = None
+        module = model.get_submodule(spec.name)
         self.position, self.arg_name = activation_argument(module, spec.name)
         self._row_output: torch.Tensor | None = None
         module.register_forward_pre_hook(self._enter, with_kwargs=True)
         module.register_forward_hook(self._exit)
-        row.register_forward_hook(self._row_done)
+        if spec.experts is None:  # a MoE block sums its experts' and shared expert's partials
+            model.get_submodule(spec.row).register_forward_hook(self._row_done)
 
     def split(self) -> bool:
         return self.sequence is not None and self.sequence.active
@@ -167,7 +187,7 @@ class BlockBoundary:
     def _exit(self, module: nn.Module, args: tuple, output):
         partial = output[0] if isinstance(output, tuple) and output else output  # attention: (out, weights)
         row_output, self._row_output = self._row_output, None
-        if partial is not row_output:
+        if self.spec.experts is None and partial is not row_output:
             raise TPPlacementError(
                 f"module {self.spec.name!r} returns more than its row-parallel layer {self.spec.row!r}'s "
                 f"output (a residual, a norm, another layer): g would sum all of it over the TP ranks. "

@@ -11,15 +11,19 @@ from __future__ import annotations
 import json
 import math
 import re
+from dataclasses import replace
 
 from torch import nn
 
 from bdlora.config import BDLoraConfigError
+from bdlora.experts import ExpertLinear, experts_modules, wrap_experts
 from bdlora.layers import BDLoraLinear, is_adaptable
 from bdlora.model import adapters_of, wrap_linear
 from bdlora.parallel.comm import TPGroup
+from bdlora.parallel.experts import check_expert_plan, check_experts_tp, shard_experts_
 from bdlora.parallel.placement import BlockBoundary, BlockSpec, plan_blocks
 from bdlora.parallel.styles import PLAN_STYLES, BDLoraTP, LinearLayout, TPSharding
+from bdlora.plan import Plan
 from bdlora.roles import REPLICATED_STYLES, Role, name_role, plan_regexes
 
 
@@ -57,6 +61,8 @@ def tp_layouts(model: nn.Module) -> dict[str, LinearLayout]:
     for name, module in model.named_modules():
         if name.endswith("base_layer") or not (is_adaptable(module) or isinstance(module, BDLoraLinear)):
             continue
+        if isinstance(module, ExpertLinear):  # split with its experts (``parallel.experts``)
+            continue
         for regex, key, style in regexes:
             if regex.fullmatch(name):
                 if style in REPLICATED_STYLES:  # whole on every rank; f sums its input gradient
@@ -81,17 +87,54 @@ def _base(module: nn.Module) -> nn.Module:
 
 
 def check_model_tp(
-    model: nn.Module, tp: int, sharding: type[TPSharding] = BDLoraTP
+    model: nn.Module, tp: int, sharding: type[TPSharding] = BDLoraTP, ep: int = 1
 ) -> tuple[list[BlockSpec], dict[str, LinearLayout]]:
-    """Validate that ``model`` (and its adapters) shard evenly over ``tp`` ranks and that every
-    f/g operator has one place; returns the blocks and the linear layers' layouts."""
+    """Validate that ``model`` (and its adapters) shard evenly over ``tp`` ranks, its MoE experts
+    at expert-parallel degree ``ep``, and that every f/g operator has one place; returns the blocks
+    and the linear layers' layouts."""
     _check_heads(model, tp)
-    layouts = tp_layouts(model)
+    experts = dict(experts_modules(model))
+    layouts = {**tp_layouts(model), **_moe_linear_layouts(model, experts)}
     for name, layout in layouts.items():
         _check_linear(model.get_submodule(name), name, layout, tp, sharding)
+    for name, module in experts.items():
+        check_experts_tp(name, module, tp, ep, [])
     for record in adapters_of(model).values():
-        sharding.check_plan(record.plan, tp, layouts)
-    return plan_blocks([(name, layout.role) for name, layout in layouts.items()]), layouts
+        check_adapter_plan(record.plan, tp, sharding, layouts, experts, ep)
+    moe_blocks = {name.rpartition(".")[0]: name for name in experts}
+    return plan_blocks([(name, layout.role) for name, layout in layouts.items()], moe_blocks), layouts
+
+
+def check_adapter_plan(
+    plan: Plan,
+    tp: int,
+    sharding: type[TPSharding],
+    layouts: dict[str, LinearLayout],
+    experts: dict[str, nn.Module],
+    ep: int,
+) -> None:
+    """An adapter plan suits the model's sharding: its linear layers by ``sharding``, its expert
+    tensors by the experts' (``parallel.experts``)."""
+    sharding.check_plan(replace(plan, modules=[m for m in plan.modules if not m.experts]), tp, layouts)
+    check_expert_plan(plan, experts, tp, ep, sharding.name)
+
+
+def _moe_linear_layouts(model: nn.Module, experts: dict[str, nn.Module]) -> dict[str, LinearLayout]:
+    """Layouts of the shared-expert linears inside MoE blocks that the TP plan does not list: their
+    roles from their names (gate/up column, down row); a linear with no such name (a shared-expert
+    gate, a router) stays whole on every rank."""
+    planned = tp_layouts(model)
+    blocks = {name.rpartition(".")[0] + "." for name in experts}
+    out = {}
+    for name, module in model.named_modules():
+        inside = any(name.startswith(b) for b in blocks) and not any(name.startswith(e) for e in experts)
+        if not inside or name in planned or name.endswith("base_layer"):
+            continue
+        if is_adaptable(module) or isinstance(module, BDLoraLinear):  # expert tensors are left out above
+            role = name_role(name)
+            if role is not None:
+                out[name] = LinearLayout(role)
+    return out
 
 
 def _check_heads(model: nn.Module, tp: int) -> None:
@@ -135,14 +178,16 @@ def shard_tp_(
     sharding: type[TPSharding],
     blocks: list[BlockSpec],
     layouts: dict[str, LinearLayout],
+    ep: int = 1,
 ) -> list[BlockBoundary]:
     """Shard ``model`` in place over ``tp`` (validated by ``check_model_tp``); returns the boundaries."""
     boundaries = []
     for spec in blocks:
-        for name in (*spec.columns, spec.row):
+        for name in (*spec.columns, *spec.rows):
             _shard_linear(model, name, sharding(name, tp, layouts[name]))
-        module, row = model.get_submodule(spec.name), model.get_submodule(spec.row)
-        boundaries.append(BlockBoundary(spec, module, row, tp))
+        if spec.experts is not None:
+            shard_experts_(wrap_experts(model, spec.experts), spec.experts, tp, ep)
+        boundaries.append(BlockBoundary(spec, model, tp))
     return boundaries
 
 

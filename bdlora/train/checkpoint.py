@@ -51,10 +51,11 @@ from bdlora.parallel.checkpoint import (
     restore_adapter_,
     save_shard_file,
     save_sharded_adapter,
+    saved_layout,
 )
 from bdlora.parallel.comm import broadcast_object
 from bdlora.parallel.mesh import on_all_ranks
-from bdlora.parallel.styles import LinearLayout, sharding_class
+from bdlora.parallel.styles import sharding_class
 from bdlora.train.context import RunContext
 from bdlora.train.deepspeed_engine import full_parameters
 
@@ -345,11 +346,11 @@ class Checkpointer:
             )
             return
         meta = read_shard_meta(path)
-        sharding, segments = sharding_class(meta["sharding"]), meta.get("packed_segments", {})
+        sharding = sharding_class(meta["sharding"])
         step = torch.tensor(float(state["adam_step"]))
         with open_shards(path, "optim", state["tp"]) as shards:
             for name, layer in adapter_layers(model, self.adapter):
-                layout = LinearLayout(layer.role, segments.get(name, 1))
+                layout = saved_layout(meta, name, layer)
                 moments = {m: full_factors(shards, name, layout, sharding, f".{m}") for m in MOMENTS}
                 if layer.tp_style is not None:
                     moments = {m: layer.tp_style.shard_factors(layer, *ab) for m, ab in moments.items()}

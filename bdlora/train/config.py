@@ -92,6 +92,7 @@ class AdapterConfig:
     dropout: float = 0.0
     init: InitStrategy = InitStrategy.lora
     target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
+    target_parameters: list[str] = field(default_factory=list)  # MoE expert tensors: gate_up_proj, down_proj
     patterns: dict[str, Any] = field(default_factory=dict)
     on_unmatched_pattern: UnmatchedAction = UnmatchedAction.error
     groups: dict[str, ModuleGroup] = field(default_factory=dict)
@@ -110,6 +111,7 @@ class ParallelConfig:
     the model config's own plan whole (list every layer to shard), None keeps that plan."""
 
     tp: int = 1
+    ep: int = 1  # MoE experts: ep groups of the TP ranks hold E/ep experts each (ep divides tp)
     dp: int | None = None  # inferred: world_size / tp
     sharding: Sharding = Sharding.bdlora  # or slora: the dense-LoRA baseline
     engine: Engine = Engine.native
@@ -255,7 +257,14 @@ def check_ranges(cfg: TrainConfig) -> None:
 
 
 def check_layout(parallel: ParallelConfig, seq_len: int | None) -> None:
-    """The TP plan's styles and sequence parallelism's requirements, checked before anything is built."""
+    """The TP plan's styles, the expert-parallel degree and sequence parallelism's requirements,
+    checked before anything is built."""
+    if not isinstance(parallel.ep, int) or parallel.ep < 1 or parallel.tp % parallel.ep:
+        valid = [d for d in range(1, parallel.tp + 1) if parallel.tp % d == 0]
+        raise TrainConfigError(
+            f"parallel.ep={parallel.ep}: the expert-parallel ranks are the TP group's, so ep must divide "
+            f"parallel.tp={parallel.tp}; valid: {valid}"
+        )
     if parallel.tp_plan is not None:
         try:
             check_tp_plan(parallel.tp_plan)

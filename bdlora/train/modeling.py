@@ -88,6 +88,7 @@ def parallel_layout(parallel: ParallelConfig) -> dict:
     return dict(
         sharding=parallel.sharding,
         tp_plan=None if parallel.tp_plan is None else dict(parallel.tp_plan),  # a plain dict, not OmegaConf's
+        ep=parallel.ep,
         vocab_parallel=parallel.vocab_parallel,
         sequence_parallel=parallel.sequence_parallel,
         activation_checkpointing=parallel.activation_checkpointing,

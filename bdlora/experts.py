@@ -1,0 +1,239 @@
+"""BD-LoRA on mixture-of-experts layers: per-expert adapters on transformers' fused expert tensors.
+
+transformers keeps a MoE layer's routed experts as one module holding 3-D parameters:
+``gate_up_proj`` (E, 2I, H) and ``down_proj`` (E, H, I) (gpt-oss stores both transposed, ``x @ W``,
+and adds per-expert biases). ``BDLoraExperts`` replaces that module: each expert tensor becomes an
+``ExpertLinear`` child of the same name (``...experts.gate_up_proj``), a ``BDLoraLinear`` whose
+factors carry a leading expert dimension, so the pattern config, checkpoints and exports address
+it like any adapted module. ``gate_up_proj`` is column-parallel (B block-diagonal), ``down_proj``
+row-parallel (A block-diagonal), exactly as gate/up and down of a dense MLP.
+
+Forward runs each expert that received tokens on its routed tokens only (the base and the
+adapter together), as transformers' eager experts do; no expert sees a token it was not routed.
+Under tensor or expert parallelism this module holds its rank's experts (``expert_offset``,
+``num_local_experts``) and its slices of them; its output is the rank's partial sum, which the MoE
+block's boundary reduces with the rest of the block (``bdlora.parallel.placement``).
+
+==================  ===========================  =============================================
+factor              shape (unsharded)            notes
+==================  ===========================  =============================================
+gate_up A           ``(E, r, H)``                dense
+gate_up B           ``(E, 2I, r/N)``             packed block-diagonal, per expert
+down A              ``(E, r, I/N)``              packed block-diagonal, per expert
+down B              ``(E, H, r)``                dense
+==================  ===========================  =============================================
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bdlora.layers import BDLoraLinear, expand_block_diag, init_factors
+from bdlora.roles import Role
+
+EXPERT_PARAMS = {"gate_up_proj": Role.COLUMN, "down_proj": Role.ROW}
+
+
+def is_experts(module: nn.Module) -> bool:
+    """transformers' fused experts: 3-D ``gate_up_proj`` and ``down_proj`` (or bdlora's wrapper)."""
+    if isinstance(module, BDLoraExperts):
+        return True
+    params = [getattr(module, n, None) for n in EXPERT_PARAMS]
+    return all(isinstance(p, nn.Parameter) and p.dim() == 3 for p in params)
+
+
+def experts_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    for name, module in model.named_modules():
+        if is_experts(module):
+            yield name, module
+
+
+def is_transposed(experts: nn.Module) -> bool:
+    """Whether the expert tensors are stored ``(E, d_in, d_out)`` (gpt-oss's ``x @ W``).
+
+    Decided from shapes alone: in (E, out, in) storage gate_up's input dim equals down's output
+    dim (both H); transposed, gate_up's last dim is 2I and down's second is I, which never agree.
+    """
+    if isinstance(experts, BDLoraExperts):
+        return experts.gate_up_proj.fan_in_fan_out
+    gate_up, down = experts.gate_up_proj, experts.down_proj
+    return gate_up.shape[2] != down.shape[1]
+
+
+def gate_layout(experts: nn.Module) -> str | None:
+    """How gate and up share ``gate_up``'s output: ``chunk`` (halves), ``interleaved`` (even/odd
+    columns), or None when bdlora cannot tell (the module then trains at TP 1 only)."""
+    gate = getattr(type(experts), "_apply_gate", None)
+    if gate is None:
+        return "chunk" if hasattr(experts, "act_fn") else None
+    source = inspect.getsource(gate)
+    if "::2" in source:
+        return "interleaved"
+    return "chunk" if "chunk(2" in source else None
+
+
+class ExpertWeights(nn.Module):
+    """One expert tensor and its bias, in the model's own storage layout (the ``base_layer``)."""
+
+    def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None) -> None:
+        super().__init__()
+        self.weight = weight
+        self.bias = bias
+
+
+class ExpertLinear(BDLoraLinear):
+    """One fused expert tensor with per-expert adapters: ``BDLoraLinear`` with an expert dimension.
+
+    ``weight`` is ``(E_local, d_out, d_in)`` (a transposed view of gpt-oss's storage, as Conv1D's
+    is for GPT-2); ``global_shape`` is one expert's unsharded ``(d_out, d_in)``.
+    """
+
+    def __init__(self, base: ExpertWeights, role: Role, transposed: bool, param_name: str) -> None:
+        super().__init__(base, role)
+        self.fan_in_fan_out = transposed
+        self.param_name = param_name
+        self.num_experts, d_out, d_in = self.weight.shape  # unsharded, as global_shape
+        self.global_shape = (d_out, d_in)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        w = self.base_layer.weight
+        return w.transpose(1, 2) if self.fan_in_fan_out else w
+
+    def checkpoint_key(self, owner: str, p_name: str) -> str:
+        """The checkpoint's name for base tensor ``p_name`` (``weight``/``bias``) at ``owner``."""
+        experts = owner.rpartition(".")[0]
+        return f"{experts}.{self.param_name}" + ("_bias" if p_name == "bias" else "")
+
+    def factor_shapes(self, rank: int, nblocks: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        shape_a, shape_b = super().factor_shapes(rank, nblocks)
+        return (self.num_experts, *shape_a), (self.num_experts, *shape_b)
+
+    @torch.no_grad()
+    def init_full(self, a: torch.Tensor, b: torch.Tensor, init: str, base_std: float, d_in: int) -> None:
+        for e in range(a.shape[0]):  # each expert as one linear layer: the same fan-ins
+            init_factors(a[e], b[e], init, base_std, d_in)
+
+    def expert_forward(self, x: torch.Tensor, e: int) -> torch.Tensor:
+        """Local expert ``e`` on its routed tokens: x (n, d_in_local) -> (n, d_out_local), bias included
+        (a row layer's bias from one rank of the expert's TP group, see ``adds_bias``)."""
+        out = F.linear(x, self.weight[e])  # (n, d_out_local)
+        name = self.live_adapter()
+        if name is not None:
+            a, b = self.lora_A[name][e], self.lora_B[name][e]
+            out = out + self.factor_delta(x, a, b, name).to(out.dtype)
+        bias = self.base_layer.bias
+        if bias is not None and self.adds_bias():
+            out = out + bias[e]
+        return out
+
+    def adds_bias(self) -> bool:
+        return self.tp_style is None or self.tp_style.adds_bias(self)
+
+    def keep_grads(self) -> torch.Tensor:
+        """A zero that depends on the live factors: a rank whose experts got no token still gets
+        (zero) gradients for them, as every rank of a data-parallel replica must."""
+        name = self.live_adapter()
+        if name is None:
+            return torch.zeros((), dtype=self.weight.dtype, device=self.weight.device)
+        return (self.lora_A[name].sum() + self.lora_B[name].sum()) * 0.0
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """``scale * B_e A_e`` for every local expert, dense, fp32: (E_local, d_out_local, d_in_local)."""
+        a, b, nblocks = self.lora_A[name].float(), self.lora_B[name].float(), self.local_nblocks[name]
+        if self.role is Role.COLUMN:
+            b = torch.stack([expand_block_diag(b_e, nblocks) for b_e in b])  # (E, d_out, r)
+        else:
+            a = torch.stack([expand_block_diag(a_e, nblocks) for a_e in a])  # (E, r, d_in)
+        return torch.bmm(b, a) * self.scaling[name]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise TypeError(
+            f"{type(self).__name__} holds one tensor of a MoE layer's experts; it runs inside "
+            f"BDLoraExperts.forward, with the routing"
+        )
+
+
+class BDLoraExperts(nn.Module):
+    """A MoE layer's routed experts with BD-LoRA adapters on ``gate_up_proj`` and ``down_proj``.
+
+    Called as transformers' experts are: ``(hidden_states (T, H), top_k_index (T, k), top_k_weights
+    (T, k))`` with global expert ids; returns ``(T, H)``, the weighted sum over the routed experts
+    this rank holds.
+    """
+
+    def __init__(self, experts: nn.Module) -> None:
+        super().__init__()
+        transposed = is_transposed(experts)
+        self.num_experts = experts.gate_up_proj.shape[0]
+        self.gate_layout = gate_layout(experts)
+        self.expert_class = type(experts).__name__
+        for p_name, role in EXPERT_PARAMS.items():
+            base = ExpertWeights(getattr(experts, p_name), getattr(experts, f"{p_name}_bias", None))
+            setattr(self, p_name, ExpertLinear(base, role, transposed, p_name))
+        self.expert_offset, self.num_local_experts = 0, self.num_experts
+        for p_name in list(experts._parameters):  # the tensors live here now, once
+            del experts._parameters[p_name]
+        self._emptied = (experts,)  # a tuple: not a child; its act_fn / clamp stay in use
+        self._activation = _activation(experts)
+
+    def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        out = torch.zeros_like(hidden_states)  # (T, H)
+        local = top_k_index - self.expert_offset  # (T, k) local expert ids; others out of range
+        with torch.no_grad():
+            hit = local[(local >= 0) & (local < self.num_local_experts)].unique().tolist()
+        if not hit:
+            return out + self.gate_up_proj.keep_grads() + self.down_proj.keep_grads()
+        for e in hit:
+            token_idx, slot = torch.where(local == e)  # (n,), (n,)
+            h = self.gate_up_proj.expert_forward(hidden_states[token_idx], e)  # (n, 2I_local)
+            y = self.down_proj.expert_forward(self._activation(h), e)  # (n, H), partial under TP
+            out.index_add_(0, token_idx, (y * top_k_weights[token_idx, slot, None]).to(out.dtype))
+        return out
+
+    def base_module(self) -> nn.Module:
+        """The transformers experts module again, holding the (merged) base tensors: for unloading."""
+        module = self._emptied[0]
+        for p_name in EXPERT_PARAMS:
+            base = getattr(self, p_name).base_layer
+            module.register_parameter(p_name, base.weight)
+            if base.bias is not None:
+                module.register_parameter(f"{p_name}_bias", base.bias)
+        return module
+
+    def extra_repr(self) -> str:
+        return (
+            f"experts={self.num_experts}, local={self.expert_offset}:"
+            f"{self.expert_offset + self.num_local_experts}, gate={self.gate_layout}"
+        )
+
+
+def _activation(experts: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """gate_up (n, 2I) -> (n, I) as the model computes it: its own ``_apply_gate``, else
+    ``act_fn(gate) * up`` over the two halves."""
+    if hasattr(type(experts), "_apply_gate"):
+        return experts._apply_gate
+
+    def act(gate_up: torch.Tensor) -> torch.Tensor:
+        gate, up = gate_up.chunk(2, dim=-1)
+        return experts.act_fn(gate) * up
+
+    return act
+
+
+def wrap_experts(model: nn.Module, name: str) -> BDLoraExperts:
+    """The BDLoraExperts at ``name``, replacing transformers' experts module there on first use."""
+    module = model.get_submodule(name)
+    if isinstance(module, BDLoraExperts):
+        return module
+    parent_name, _, child = name.rpartition(".")
+    wrapper = BDLoraExperts(module)
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, wrapper)
+    return wrapper
