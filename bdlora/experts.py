@@ -105,10 +105,10 @@ class ExpertLinear(BDLoraLinear):
         w = self.base_layer.weight
         return w.transpose(1, 2) if self.fan_in_fan_out else w
 
-    def checkpoint_key(self, owner: str, p_name: str) -> str:
-        """The checkpoint's name for base tensor ``p_name`` (``weight``/``bias``) at ``owner``."""
-        experts = owner.rpartition(".")[0]
-        return f"{experts}.{self.param_name}" + ("_bias" if p_name == "bias" else "")
+    def checkpoint_key(self, name: str, p_name: str) -> str:
+        """transformers' name of base tensor ``p_name`` (``weight``/``bias``) of this layer at ``name``:
+        the experts module's parameter ``gate_up_proj`` / ``gate_up_proj_bias``."""
+        return name + ("_bias" if p_name == "bias" else "")
 
     def factor_shapes(self, rank: int, nblocks: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         shape_a, shape_b = super().factor_shapes(rank, nblocks)

@@ -23,6 +23,45 @@ MLP                    gate and up outputs, SiLU output    model dtype
 
 ``T_o`` is ``T / t`` with sequence parallelism and ``T`` otherwise; everything inside the blocks
 keeps the full ``T``. A frozen linear layer saves only its weight, never its input.
+
+Mixture-of-experts layers (transformers 5.x: the routed experts of layer ``n`` are one module
+``layers.n.mlp.experts`` holding fused 3-D ``gate_up_proj`` and ``down_proj``) are split by an
+expert-parallel degree ``ep`` dividing ``t``: each rank holds ``E/ep`` whole experts, each split
+``t/ep`` ways (gate_up by output rows, down by input columns), so ``E 3 H I / t`` weights per
+module and rank; a gate_up bias splits like its rows, a down bias stays whole per local expert.
+Routers and shared-expert gates are replicated; shared experts are sharded like a dense MLP.
+An MoE layer's MLP terms, with ``N = B*T`` tokens, top-``k`` routing and ``n_e = k N / ep`` tokens
+routed to this rank's experts (an average: it assumes uniform routing), ``s = t/ep``:
+
+=====================  ==================================  =======================================
+where                  saved per MoE layer (per rank)      dtype
+=====================  ==================================  =======================================
+router                 probabilities ``(N, E)``, top-k      fp32, int64
+                       indices ``(N, k)``
+experts                gathered routed inputs ``(n_e, H)``  model dtype (the inputs are saved by
+                       gate_up output ``(n_e, 2I/s)``,      gate_up's adapter A); gpt-oss's clamped
+                       activation                           SwiGLU saves 4 activation tensors
+                       output ``(n_e, I/s)``, down's
+                       adapter input ``(n_e, I/s)``,
+                       ``h = A x`` ``(n_e, r/s)`` per
+                       adapted tensor
+routing                expert output ``(n_e, H)`` and       model dtype; indices int64
+                       weights ``(n_e, 1)`` (their
+                       product's gradients); with expert
+                       adapters (bdlora's expert loop)
+                       the weighted output ``(n_e, H)``
+                       that ``index_add_`` saves, and
+                       token and slot indices ``(n_e,)``
+                       (without: transformers' grouped
+                       forward, three indices ``(n_e,)``)
+shared expert          as a dense MLP of its own ``I``;     model dtype
+                       a sigmoid gate saves ``(N, 1)`` and
+                       the shared output ``(N, H)``
+=====================  ==================================  =======================================
+
+Measured at TP 1 (``tests/test_memory_moe.py``, every token reaches its top-k experts, so the
+count is exact there), Mixtral, Qwen2-MoE and gpt-oss with adapters on the experts plan their
+saved activations within 2.5%; Qwen3-MoE's q and k norms are missing, as for Qwen3.
 """
 
 from __future__ import annotations
@@ -46,7 +85,16 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 FUSED_ATTENTION = ("sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
 ATTENTION_LEAVES = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_LEAVES = ("gate_proj", "up_proj", "down_proj")
-_LAYER_MODULE = re.compile(r"(?:.*\.)?layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)")
+# Adapted MoE tensors by their key in a layer: routed experts' fused tensors, shared experts' linears.
+EXPERT_KEYS = ("experts.gate_up_proj", "experts.down_proj")
+SHARED_KEYS = tuple(f"shared.{leaf}" for leaf in MLP_LEAVES)
+_LAYER_MODULE = re.compile(
+    r"(?:.*\.)?layers\.(\d+)\.(?:self_attn\.(?P<attn>\w+)|mlp\.(?P<mlp>(?:experts\.|shared_experts?\.)?\w+))"
+)
+_LAYER_INDEX = re.compile(r"(?:.*\.)?layers\.(\d+)\.")
+# Shared experts (Qwen2-MoE's shared_expert, DeepSeek's shared_experts) are TP-sharded like a dense MLP.
+_SHARED_EXPERT = re.compile(r"(?:.*\.)?layers\.\d+\.mlp\.shared_experts?\.(gate_proj|up_proj|down_proj)")
+_SHARED_STYLES = {"gate_proj": "colwise", "up_proj": "colwise", "down_proj": "rowwise"}
 FP32 = torch.float32
 
 
@@ -105,6 +153,8 @@ class MemoryPlan:
     grads: int
     optimizer: int
     activations: tuple[Term, ...]
+    ep: int = 1  # expert-parallel degree (MoE layers)
+    moe_layers: int = 0  # decoder layers with routed experts
 
     def activation_bytes(self, part: str | None = None, kind: str | None = None) -> int:
         return sum(
@@ -153,9 +203,27 @@ class _Dims:
     heads_local: int
     kv_heads_local: int
     head_dim: int
-    inter_local: int
+    inter_local: int  # a dense MLP's intermediate size / t (0 when every layer is MoE)
     vocab: int
     layers: int
+    ep: int = 1
+    moe: tuple[_Moe | None, ...] = ()  # per layer: its routed experts, None for a dense MLP
+
+
+@dataclass(frozen=True)
+class _Moe:
+    """One MoE layer's sizes (unsharded): ``experts`` routed experts of intermediate size ``inter``,
+    ``top_k`` of them per token, and a shared expert of ``shared_inter`` (0: none), gated or not.
+    ``activation_saves``: ``act(gate) * up`` saves ``act(gate)`` (1); gpt-oss's clamped SwiGLU
+    ``(clamp(up) + 1) * g sigmoid(alpha g)`` with ``g = clamp(gate)`` saves g, the sigmoid, ``up + 1``
+    and the gated product (4)."""
+
+    experts: int
+    top_k: int
+    inter: int
+    shared_inter: int = 0
+    shared_gate: bool = False
+    activation_saves: int = 1  # (n_e, I/s) tensors the activation saves beyond gate_up's output
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -176,6 +244,7 @@ def memory_plan(
     activation_checkpointing: bool = False,
     vocab_parallel: bool = False,
     sequence_parallel: bool = False,
+    ep: int = 1,
 ) -> MemoryPlan:
     """Bytes per TP rank of training ``plan``'s adapter on ``model`` at TP degree ``tp``.
 
@@ -185,12 +254,19 @@ def memory_plan(
     autocast). One micro-batch of ``micro_batch`` x ``seq_len`` tokens, trained as ``bdlora-train``
     does: ``model(input_ids=..., labels=...)`` without an attention mask, then AdamW.
     Vocabulary and sequence parallelism change nothing at ``tp=1``.
+
+    ``ep``: the expert-parallel degree of MoE layers, dividing ``tp`` and every layer's number of
+    experts: each rank holds ``E/ep`` experts, each split ``tp/ep`` ways. Expert adapters (plan
+    modules with ``experts`` > 0) hold ``params / tp`` per rank like any other. Tokens routed to a
+    rank's experts are counted as ``top_k * B * T / ep``: uniform routing, an average, not a bound.
     """
     dtype = resolve_dtype(dtype)
     _check_options(tp, seq_len, micro_batch, vocab_parallel, sequence_parallel)
+    experts = _experts_of(model)
+    _check_ep(ep, tp, experts)
     check_plan_tp(plan, tp)
     layout = Layout(vocab_parallel and tp > 1, sequence_parallel and tp > 1)
-    dims = _dims(model.config, tp, micro_batch, seq_len, layout.sequence_parallel)
+    dims = _dims(model, tp, ep, micro_batch, seq_len, layout.sequence_parallel, experts)
     attention = getattr(model.config, "_attn_implementation", None) or "eager"
     adapter_params = sum(m.params_per_rank(tp) for m in plan.modules)
     adapter_tensors = 2 * len(plan.modules)  # A and B of each module
@@ -204,12 +280,14 @@ def memory_plan(
         layout=layout,
         activation_checkpointing=activation_checkpointing,
         attention=attention,
-        base_weights=base_weight_bytes(model, tp, dtype, layout.vocab_parallel),
+        base_weights=base_weight_bytes(model, tp, dtype, layout.vocab_parallel, ep),
         adapter=adapter_params * dtype.itemsize,
         grads=adapter_params * dtype.itemsize,
         # exp_avg and exp_avg_sq in the parameter's dtype, and one fp32 ``step`` per parameter tensor
         optimizer=2 * adapter_params * dtype.itemsize + adapter_tensors * FP32.itemsize,
         activations=tuple(_merged(activations)),
+        ep=ep,
+        moe_layers=sum(m is not None for m in dims.moe),
     )
 
 
@@ -261,6 +339,11 @@ def memory_notes(model: nn.Module, tp: int) -> list[str]:
             f"the TP plan gathers the output of {', '.join(gathered)}: every rank then computes what "
             f"follows whole, so those blocks' activations are up to {tp}x the table's"
         )
+    if tp > 1 and not _attention_sharded(model):
+        notes.append(
+            "the TP plan shards no q_proj: every rank holds and computes the attention whole, as the "
+            "table counts it"
+        )
     return notes
 
 
@@ -279,42 +362,157 @@ def _check_options(tp: int, seq_len: int, micro_batch: int, vocab: bool, sequenc
         )
 
 
+def _experts_of(model: nn.Module) -> dict[str, nn.Module]:
+    """transformers' fused MoE experts, by name: modules holding a 3-D ``gate_up_proj`` and a 3-D
+    ``down_proj`` parameter."""
+    return {
+        name: module
+        for name, module in model.named_modules()
+        if all(isinstance(p, nn.Parameter) and p.dim() == 3 for p in _expert_tensors(module))
+    }
+
+
+def _expert_tensors(module: nn.Module) -> list:
+    return [module._parameters.get(n) for n in ("gate_up_proj", "down_proj")]
+
+
+def _check_ep(ep: int, tp: int, experts: dict[str, nn.Module]) -> None:
+    """``ep`` divides ``tp`` and every experts module's expert count."""
+    if not isinstance(ep, int) or ep < 1:
+        raise BDLoraConfigError(f"ep={ep!r}: must be a positive integer")
+    if ep == 1:
+        return
+    if not experts:
+        raise BDLoraConfigError(
+            f"ep={ep}: the model has no MoE experts for expert parallelism to split; use ep=1"
+        )
+    counts = sorted({m.gate_up_proj.shape[0] for m in experts.values()})
+    if tp % ep or any(e % ep for e in counts):
+        common = math.gcd(tp, *counts)
+        valid = [d for d in range(1, common + 1) if common % d == 0]
+        raise BDLoraConfigError(
+            f"ep={ep} must divide tp={tp} and the number of experts "
+            f"({', '.join(map(str, counts))}): valid ep at tp={tp}: {valid}"
+        )
+
+
+def _moe_of(block: nn.Module, experts: nn.Module, config) -> _Moe:
+    """The sizes of the MoE block ``block`` (``mlp``) around ``experts``."""
+    router = getattr(block, "gate", None) or getattr(block, "router", None)
+    top_k = getattr(config, "num_experts_per_tok", None) or getattr(router, "top_k", None)
+    if not top_k:
+        raise BDLoraConfigError(
+            f"{type(block).__name__}: cannot tell how many experts a token visits (no num_experts_per_tok)"
+        )
+    shared = getattr(block, "shared_expert", None) or getattr(block, "shared_experts", None)
+    shared_gate = isinstance(getattr(block, "shared_expert_gate", None), nn.Linear)
+    shared_inter = (
+        shared.gate_proj.out_features if isinstance(getattr(shared, "gate_proj", None), nn.Linear) else 0
+    )
+    clamped_swiglu = hasattr(experts, "alpha") and hasattr(experts, "limit")  # gpt-oss's _apply_gate
+    return _Moe(
+        experts.gate_up_proj.shape[0],
+        top_k,
+        _expert_inter(experts),
+        shared_inter,
+        shared_gate,
+        activation_saves=4 if clamped_swiglu else 1,
+    )
+
+
+def _expert_inter(experts: nn.Module) -> int:
+    """One expert's intermediate size ``I``, from ``(E, 2I, H)`` and ``(E, H, I)`` or gpt-oss's
+    transposed ``(E, H, 2I)`` and ``(E, I, H)`` (the two never both fit: that would need ``H = 2H``)."""
+    (_, a, _), (_, c, d) = experts.gate_up_proj.shape, experts.down_proj.shape
+    return d if a == 2 * d else c
+
+
+def _check_expert_split(inter: int, tp: int, ep: int, where: str) -> None:
+    if inter % (tp // ep):
+        valid = [e for e in range(1, tp + 1) if tp % e == 0 and inter % (tp // e) == 0]
+        raise BDLoraConfigError(
+            f"{where}: the expert intermediate size {inter} is not divisible by tp/ep = {tp}/{ep} = "
+            f"{tp // ep}, the ways each expert is split; ep whose tp/ep divides {inter}: {valid}"
+        )
+
+
 def _split(size: int, tp: int, what: str) -> int:
     if size % tp:
         raise BDLoraConfigError(f"{what}={size} is not divisible by the TP degree {tp}")
     return size // tp
 
 
-def _dims(config, tp: int, batch: int, seq: int, sequence_parallel: bool) -> _Dims:
+def _dims(
+    model: nn.Module,
+    tp: int,
+    ep: int,
+    batch: int,
+    seq: int,
+    sequence_parallel: bool,
+    experts: dict[str, nn.Module],
+) -> _Dims:
+    config = model.config
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    attn_tp = tp if _attention_sharded(model) else 1  # a TP plan without attention keeps it whole
+    moe: list[_Moe | None] = [None] * config.num_hidden_layers
+    for name, module in experts.items():
+        index = _LAYER_INDEX.match(name)
+        if index is None:
+            raise BDLoraConfigError(f"MoE experts {name!r} sit outside the decoder layers (layers.N.)")
+        block = model.get_submodule(name.rpartition(".")[0])
+        layer = moe[int(index.group(1))] = _moe_of(block, module, config)
+        _check_expert_split(layer.inter, tp, ep, name)
+        _split(layer.shared_inter, tp, f"{name.rpartition('.')[0]}: the shared expert's intermediate size")
+    dense = any(m is None for m in moe)
     return _Dims(
         tp=tp,
         batch=batch,
         seq=seq,
         seq_outer=seq // tp if sequence_parallel else seq,
         hidden=config.hidden_size,
-        heads_local=_split(heads, tp, "num_attention_heads"),
-        kv_heads_local=_split(kv_heads, tp, "num_key_value_heads"),
+        heads_local=_split(heads, attn_tp, "num_attention_heads"),
+        kv_heads_local=_split(kv_heads, attn_tp, "num_key_value_heads"),
         head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
-        inter_local=_split(config.intermediate_size, tp, "intermediate_size"),
+        inter_local=_split(config.intermediate_size, tp, "intermediate_size") if dense else 0,
         vocab=config.vocab_size,
         layers=config.num_hidden_layers,
+        ep=ep,
+        moe=tuple(moe),
     )
 
 
+def _attention_sharded(model: nn.Module) -> bool:
+    """Whether the TP plan shards the attention (its q_proj), as it does for every Llama-family model;
+    gpt-oss's own plan in transformers 5 lists only the embedding."""
+    regexes = plan_regexes(getattr(model.config, "base_model_tp_plan", None) or {})
+    for name, module in model.named_modules():
+        if name.endswith("self_attn.q_proj") and isinstance(module, nn.Linear):
+            try:
+                return planned_role(name, regexes) is not None
+            except ValueError:  # a style bdlora cannot shard: parallelize says so
+                return True
+    return True  # no q_proj: nothing to say
+
+
 # -- weights -----------------------------------------------------------------------------------------
-def base_weight_bytes(model: nn.Module, tp: int, dtype: torch.dtype, vocab_parallel: bool = False) -> int:
+def base_weight_bytes(
+    model: nn.Module, tp: int, dtype: torch.dtype, vocab_parallel: bool = False, ep: int = 1
+) -> int:
     """This rank's frozen parameters: every linear layer of ``base_model_tp_plan`` holds 1/tp
     (colwise: output rows and bias; rowwise: input columns, bias whole), the embedding and LM head
-    ``ceil(V/tp)`` rows each with ``vocab_parallel`` and all of them otherwise (one tensor if tied),
-    everything else whole."""
+    ``ceil(V/tp)`` rows each with ``vocab_parallel`` and all of them otherwise (one tensor if tied).
+    MoE experts: ``E/ep`` experts per rank, each split ``tp/ep`` ways, so ``gate_up_proj``,
+    ``down_proj`` and ``gate_up_proj_bias`` hold 1/tp and ``down_proj_bias`` 1/ep; shared experts'
+    gate/up/down are split like a dense MLP's when the TP plan does not list them. Everything else
+    (routers, norms) whole."""
     tp_plan = getattr(model.config, "base_model_tp_plan", None) or {}
     if tp > 1 and not tp_plan:
         raise BDLoraConfigError(
             f"{type(model).__name__} has no base_model_tp_plan in its config: cannot tell how TP shards it"
         )
     regexes = plan_regexes(tp_plan)
+    experts = _experts_of(model)
     vocab_ids = {id(m.weight) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m}
     numel = 0
     for name, param in model.named_parameters():  # a tied weight is listed once
@@ -325,9 +523,28 @@ def base_weight_bytes(model: nn.Module, tp: int, dtype: torch.dtype, vocab_paral
             numel += (math.ceil(rows / tp) if vocab_parallel else rows) * cols
             continue
         module_name, _, kind = name.rpartition(".")
-        planned = planned_role(module_name.removesuffix(".base_layer"), regexes) if tp > 1 else None
+        module_name = module_name.removesuffix(".base_layer")
+        if module_name in experts:
+            numel += _expert_shard(param, name, kind, experts[module_name], tp, ep)
+            continue
+        planned = planned_role(module_name, regexes) if tp > 1 else None
+        if planned is None and tp > 1 and (shared := _SHARED_EXPERT.fullmatch(module_name)):
+            planned = (None, _SHARED_STYLES[shared.group(1)])
         numel += param.numel() if planned is None else _linear_shard(param, name, planned[1], kind, tp)
     return numel * dtype.itemsize
+
+
+def _expert_shard(param: nn.Parameter, name: str, kind: str, experts: nn.Module, tp: int, ep: int) -> int:
+    """This rank's part of one tensor of an experts module: ``E/ep`` experts, each split ``tp/ep``
+    ways (gate_up and its bias by output rows, down by input columns; down's bias whole)."""
+    if tp == 1:
+        return param.numel()
+    _check_expert_split(_expert_inter(experts), tp, ep, name)
+    if kind in ("gate_up_proj", "down_proj", "gate_up_proj_bias"):
+        return param.numel() // tp
+    if kind == "down_proj_bias":
+        return param.numel() // ep
+    return param.numel()
 
 
 def _linear_shard(param: nn.Parameter, name: str, style: str, kind: str, tp: int) -> int:
@@ -338,17 +555,28 @@ def _linear_shard(param: nn.Parameter, name: str, style: str, kind: str, tp: int
 
 
 # -- activations -------------------------------------------------------------------------------------
-def _adapted_by_layer(plan: Plan, layers: int) -> list[dict[str, ModulePlan]]:
-    """For each decoder layer, its adapted projections by leaf name (``q_proj``...)."""
-    out: list[dict[str, ModulePlan]] = [{} for _ in range(layers)]
+def _adapted_by_layer(plan: Plan, d: _Dims) -> list[dict[str, ModulePlan]]:
+    """For each decoder layer, its adapted projections by key: leaf name (``q_proj``...) for attention
+    and a dense MLP, ``experts.gate_up_proj``/``experts.down_proj`` for routed experts and
+    ``shared.gate_proj``... for a shared expert."""
+    out: list[dict[str, ModulePlan]] = [{} for _ in range(d.layers)]
     for m in plan.modules:
         match = _LAYER_MODULE.fullmatch(m.name)
-        if match is None or match.group(2) not in ATTENTION_LEAVES + MLP_LEAVES:
+        key = None
+        if match is not None:
+            key = match["attn"] or re.sub(r"^shared_experts?\.", "shared.", match["mlp"])
+            moe = d.moe[int(match.group(1))] if int(match.group(1)) < d.layers else None
+            mlp_keys = MLP_LEAVES if moe is None else EXPERT_KEYS + (SHARED_KEYS if moe.shared_inter else ())
+            if key not in (ATTENTION_LEAVES if match["attn"] else mlp_keys):
+                key = None
+        if key is None:
             raise BDLoraConfigError(
                 f"module {m.name!r}: the memory plan models adapters on the projections of decoder "
-                f"layers ({', '.join(ATTENTION_LEAVES + MLP_LEAVES)}); exclude it to plan memory"
+                f"layers ({', '.join(ATTENTION_LEAVES + MLP_LEAVES)}, MoE experts' "
+                f"{' and '.join(k.split('.')[1] for k in EXPERT_KEYS)}, shared experts' "
+                f"{', '.join(MLP_LEAVES)}); exclude it to plan memory"
             )
-        out[int(match.group(1))][match.group(2)] = m
+        out[int(match.group(1))][key] = m
     return out
 
 
@@ -360,10 +588,13 @@ def _decoder_terms(
             f"attention implementation {attention!r}: the memory plan knows eager and "
             f"{', '.join(FUSED_ATTENTION)}"
         )
-    adapted = _adapted_by_layer(plan, d.layers)
+    adapted = _adapted_by_layer(plan, d)
     # The residual stream needs a gradient from the first adapted layer on (the embedding is frozen).
     grad_in = [any(adapted[:i]) for i in range(d.layers)]
-    per_layer = [_layer_terms(d, a, g, dtype, attention) for a, g in zip(adapted, grad_in)]
+    per_layer = [
+        _layer_terms(d, a, g, dtype, attention, moe)
+        for a, g, moe in zip(adapted, grad_in, d.moe, strict=True)
+    ]
     final_norm = _norm_terms("final norm", d) if any(adapted) else []
     if checkpointing:
         # Non-reentrant checkpointing keeps each layer's input; backward rebuilds one layer at a time.
@@ -376,7 +607,12 @@ def _decoder_terms(
 
 
 def _layer_terms(
-    d: _Dims, adapted: dict[str, ModulePlan], grad_in: bool, dtype: torch.dtype, attention: str
+    d: _Dims,
+    adapted: dict[str, ModulePlan],
+    grad_in: bool,
+    dtype: torch.dtype,
+    attention: str,
+    moe: _Moe | None = None,
 ) -> list[Term]:
     """What one decoder layer saves; ``grad_in``: whether its input requires grad."""
     full = (d.batch, d.seq)
@@ -394,17 +630,89 @@ def _layer_terms(
     mid_grad = qkv_grad or "o_proj" in adapted
     if mid_grad:
         terms += _norm_terms("post-attention norm", d)
+    if moe is None:
+        return terms + _mlp_terms(d, adapted, mid_grad, dtype, d.inter_local)
+    return terms + _moe_terms(d, moe, adapted, mid_grad, dtype)
+
+
+def _mlp_terms(
+    d: _Dims, adapted: dict[str, ModulePlan], mid_grad: bool, dtype: torch.dtype, inter_local: int, label=""
+) -> list[Term]:
+    """A gate/up/down MLP of intermediate size ``inter_local`` per rank; ``adapted`` by leaf name,
+    ``label`` prefixes its terms' names (a shared expert's)."""
+    full = (d.batch, d.seq)
     gate_up = [adapted[k] for k in ("gate_proj", "up_proj") if k in adapted]
-    terms += _adapter_terms(_Input("gate/up", (*full, d.hidden), mid_grad), gate_up, d, dtype)
-    inter = (*full, d.inter_local)
+    terms = _adapter_terms(_Input(f"{label}gate/up", (*full, d.hidden), mid_grad), gate_up, d, dtype)
+    inter = (*full, inter_local)
     gate_grad, up_grad = mid_grad or "gate_proj" in adapted, mid_grad or "up_proj" in adapted
     if gate_grad:  # SiLU saves its input; the product saves up's output for SiLU's gradient
-        terms += [Term("layers", "gate output", inter, dtype), Term("layers", "up output", inter, dtype)]
+        terms += [
+            Term("layers", f"{label}gate output", inter, dtype),
+            Term("layers", f"{label}up output", inter, dtype),
+        ]
     if up_grad:  # the product saves SiLU's output for up's gradient
-        terms.append(Term("layers", "SiLU output", inter, dtype))
+        terms.append(Term("layers", f"{label}SiLU output", inter, dtype))
     if "down_proj" in adapted:
-        down_input = _Input("down", inter, gate_grad or up_grad)
+        down_input = _Input(f"{label}down", inter, gate_grad or up_grad)
         terms += _adapter_terms(down_input, [adapted["down_proj"]], d, dtype)
+    return terms
+
+
+def _moe_terms(
+    d: _Dims, moe: _Moe, adapted: dict[str, ModulePlan], mid_grad: bool, dtype: torch.dtype
+) -> list[Term]:
+    """One MoE layer's MLP on this rank: the router on all ``N`` tokens, then the ``n_e = k N / ep``
+    tokens routed to this rank's ``E/ep`` experts (uniform routing assumed), each expert ``tp/ep``
+    ways narrow, and a shared expert.
+
+    The router's softmax saves its fp32 probabilities ``(N, E)`` and top-k its int64 indices
+    ``(N, k)``. Inside the experts, as in a dense MLP: gate_up's adapter A saves the gathered routed
+    inputs, the activation saves gate_up's output, the product of gate and up saves the activation's
+    output, down's adapter A saves its input, each adapter's B saves ``h = A x`` ``(n_e, r/s)``.
+    The routing weight's product saves each expert's output and the weights ``(n_e, 1)``; the
+    ``index_add_`` that sums the experts saves its source, the weighted output ``(n_e, H)``; the
+    gathers save the routed tokens' int64 token and top-k slot indices ``(n_e,)``."""
+    split = d.tp // d.ep
+    tokens = d.batch * d.seq
+    routed = math.ceil(moe.top_k * tokens / d.ep)
+    inter = moe.inter // split
+    gate_up = [adapted[k] for k in ("experts.gate_up_proj",) if k in adapted]
+    down = [adapted[k] for k in ("experts.down_proj",) if k in adapted]
+    act_grad = mid_grad or bool(gate_up)  # gate_up's output requires grad
+    out_grad = act_grad or bool(down)  # the experts' output requires grad
+    terms = []
+    if mid_grad:  # the router's input requires grad
+        terms += [
+            Term("layers", "router probabilities (fp32)", (tokens, moe.experts), FP32),
+            Term("layers", "router top-k indices", (tokens, moe.top_k), torch.int64),
+        ]
+    routed_input = _Input("experts gate_up", (routed, d.hidden), mid_grad)
+    terms += _adapter_terms(routed_input, gate_up, d, dtype, tokens=routed, split=split)
+    if act_grad:
+        terms += [
+            Term("layers", "experts gate_up output", (routed, 2 * inter), dtype),
+            Term("layers", "experts activation output", (routed, inter), dtype, count=moe.activation_saves),
+        ]
+    terms += _adapter_terms(_Input("experts down", (routed, inter), act_grad), down, d, dtype, routed, split)
+    if out_grad:
+        terms.append(Term("layers", "routing weights of the routed tokens", (routed, 1), dtype))
+    if mid_grad:  # the routing weights require grad
+        terms.append(Term("layers", "experts output (for the routing weights)", (routed, d.hidden), dtype))
+    if gate_up or down:  # bdlora's expert loop: index_add_ saves its source; token and slot indices
+        terms += [
+            Term("layers", "experts weighted output (index_add_ source)", (routed, d.hidden), dtype),
+            Term("layers", "routed token and top-k slot indices", (routed,), torch.int64, count=2),
+        ]
+    elif mid_grad:  # transformers' own (grouped) experts forward: three int64 indices per routed token
+        terms.append(Term("layers", "routed token indices", (routed,), torch.int64, count=3))
+    if moe.shared_inter:
+        shared = {k.removeprefix("shared."): m for k, m in adapted.items() if k.startswith("shared.")}
+        terms += _mlp_terms(d, shared, mid_grad, dtype, moe.shared_inter // d.tp, label="shared expert ")
+        if moe.shared_gate and mid_grad:  # sigmoid(gate(x)) * out saves both factors
+            terms += [
+                Term("layers", "shared expert gate: sigmoid output", (tokens, 1), dtype),
+                Term("layers", "shared expert output (for its gate)", (tokens, d.hidden), dtype),
+            ]
     return terms
 
 
@@ -426,10 +734,19 @@ class _Input:
     saved_elsewhere: bool = False
 
 
-def _adapter_terms(x: _Input, modules: list[ModulePlan], d: _Dims, dtype: torch.dtype) -> list[Term]:
+def _adapter_terms(
+    x: _Input,
+    modules: list[ModulePlan],
+    d: _Dims,
+    dtype: torch.dtype,
+    tokens: int | None = None,
+    split: int | None = None,
+) -> list[Term]:
     """The A matmul saves its input (one tensor for the modules without dropout) and the B matmul
-    ``h = A x`` ``(B*T, r/t)``. With dropout each module saves its own dropped input, and the mask
-    when the input requires grad (bool as CUDA's fused dropout keeps it)."""
+    ``h = A x`` ``(tokens, r/split)`` (default ``(B*T, r/t)``). With dropout each module saves its own
+    dropped input, and the mask when the input requires grad (bool as CUDA's fused dropout keeps it)."""
+    tokens = d.batch * d.seq if tokens is None else tokens
+    split = d.tp if split is None else split
     terms = []
     if any(m.settings.dropout == 0 for m in modules) and not x.saved_elsewhere:
         terms.append(Term("layers", f"{x.label} input (adapter A)", x.shape, dtype))
@@ -439,7 +756,7 @@ def _adapter_terms(x: _Input, modules: list[ModulePlan], d: _Dims, dtype: torch.
             terms.append(Term("layers", f"{leaf} adapter input after dropout", x.shape, dtype))
             if x.requires_grad:
                 terms.append(Term("layers", f"{leaf} dropout mask", x.shape, torch.bool))
-        terms.append(Term("layers", f"{leaf} adapter h = A x", (d.batch * d.seq, m.rank // d.tp), dtype))
+        terms.append(Term("layers", f"{leaf} adapter h = A x", (tokens, m.rank // split), dtype))
     return terms
 
 
@@ -547,8 +864,9 @@ def describe(plans: dict[str, MemoryPlan]) -> str:
     def per_column(part: str, kind: str) -> str:
         return " | ".join(format_bytes(q.activation_bytes(part, kind)) for q in plans.values())
 
+    parallel = f"tp={p.tp}" + (f", ep={p.ep}" if p.moe_layers else "")
     lines = [
-        f"per-rank training memory at tp={p.tp}: micro-batch {p.micro_batch} x seq {p.seq_len}, "
+        f"per-rank training memory at {parallel}: micro-batch {p.micro_batch} x seq {p.seq_len}, "
         f"{str(p.dtype).removeprefix('torch.')} parameters and compute, {p.attention} attention, "
         f"activation checkpointing {checkpointing}, AdamW",
         format_memory_table(plans),
@@ -558,6 +876,13 @@ def describe(plans: dict[str, MemoryPlan]) -> str:
     if p.activation_checkpointing:
         lines.append(
             f"of activations: layers, one layer rebuilt in backward: {per_column('layers', 'recompute')}"
+        )
+    if p.moe_layers:
+        lines.append(
+            f"{p.moe_layers} MoE layers: each rank holds E/{p.ep} experts, each "
+            f"{p.tp // p.ep}-way tensor-parallel; the tokens routed to its experts are counted as "
+            f"top_k x tokens / {p.ep}, which assumes uniform routing (an average: an unbalanced "
+            f"router puts more on some ranks)"
         )
     if p.tp == 1:
         lines.append("tp=1: vocabulary and sequence parallelism change nothing")

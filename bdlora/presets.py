@@ -105,6 +105,66 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
+# Mixture-of-experts models (transformers 5.x keeps each layer's routed experts as one module of fused
+# 3-D tensors, ``mlp.experts``). Qwen/Qwen3-30B-A3B: 48 layers of 128 experts (top 8) of size 768;
+# its intermediate_size 6144 would size only dense layers (mlp_only_layers), of which it has none.
+MOE_PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
+    "qwen3-30b-a3b": (
+        "qwen3_moe",
+        dict(
+            hidden_size=2048,
+            intermediate_size=6144,
+            moe_intermediate_size=768,
+            num_hidden_layers=48,
+            num_attention_heads=32,
+            num_key_value_heads=4,
+            head_dim=128,
+            num_experts=128,
+            num_experts_per_tok=8,
+            norm_topk_prob=True,
+            vocab_size=151936,
+            max_position_embeddings=40960,
+            tie_word_embeddings=False,
+        ),
+    ),
+    # mistralai/Mixtral-8x7B-v0.1: 8 experts (top 2) of size 14336 in each of 32 layers
+    "mixtral-8x7b": (
+        "mixtral",
+        dict(
+            hidden_size=4096,
+            intermediate_size=14336,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            num_local_experts=8,
+            num_experts_per_tok=2,
+            vocab_size=32000,
+            max_position_embeddings=32768,
+            tie_word_embeddings=False,
+        ),
+    ),
+    # openai/gpt-oss-20b: 32 experts (top 4) of size 2880 with biases, stored transposed; 64 x 64 query
+    # dims (4096), not the hidden size 2880; attention sinks and alternating sliding-window layers
+    "gpt-oss-20b": (
+        "gpt_oss",
+        dict(
+            hidden_size=2880,
+            intermediate_size=2880,
+            num_hidden_layers=24,
+            num_attention_heads=64,
+            num_key_value_heads=8,
+            head_dim=64,
+            num_local_experts=32,
+            num_experts_per_tok=4,
+            vocab_size=201088,
+            sliding_window=128,
+            tie_word_embeddings=False,
+        ),
+    ),
+}
+PRESETS.update(MOE_PRESETS)
+
+
 def llama_config(
     hidden: int, intermediate: int, layers: int, heads: int, vocab: int, max_positions: int = 2048
 ):

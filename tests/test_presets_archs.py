@@ -1,7 +1,9 @@
-"""The real-size presets of newer architectures (tier 1): Gemma 3 27B, Qwen3 32B, Phi-3 medium.
+"""The real-size presets of newer architectures (tier 1): Gemma 3 27B, Qwen3 32B, Phi-3 medium, and
+the mixture-of-experts Qwen3-30B-A3B, Mixtral 8x7B and gpt-oss-20b.
 
 Each builds on the meta device with its model card's sizes, and ``bdlora plan`` gives the adapter
-and per-rank numbers a closed form computes from those sizes, at every TP degree the heads allow.
+and per-rank numbers a closed form computes from those sizes, at every TP degree the heads allow
+(MoE presets: at TP and expert-parallel degrees (tp, ep)).
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ from torch import nn
 
 from bdlora import BDLoraConfig
 from bdlora.cli import main as cli_main
-from bdlora.config import DEFAULT_TARGETS
-from bdlora.memory import memory_plan
+from bdlora.config import DEFAULT_TARGETS, BDLoraConfigError
+from bdlora.memory import LAYOUTS, memory_plan, memory_plans
 from bdlora.plan import resolve_plan
 from bdlora.presets import build_model
 from bdlora.roles import Role
@@ -236,3 +238,119 @@ def test_phi3_packed_projections_are_adapted_only_when_targeted(capsys, tmp_path
     )
     assert f"total: {modules} modules, {bd:,} BD-LoRA params" in out
     assert f"per TP rank (tp=10): {bd // 10:,} params" in out
+
+
+# -- mixture-of-experts presets ----------------------------------------------------------------------
+@dataclass(frozen=True)
+class MoeSizes:
+    """A MoE model card's sizes. Every layer's MLP is ``experts`` routed experts (``top_k`` per
+    token) of intermediate size ``inter``, fused as ``gate_up_proj`` (E, 2I, H) and ``down_proj``
+    (E, H, I); routers are ``E x H``. gpt-oss adds biases (attention, experts, router), one attention
+    sink per head, and a TP plan without the attention."""
+
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    experts: int
+    top_k: int
+    inter: int
+    qk_norm: bool
+    gpt_oss: bool
+    published: float  # total parameters on the model card
+    layouts: tuple[tuple[int, int], ...]  # (tp, ep)
+
+    def attention(self) -> tuple[int, int, int]:
+        """(weights TP splits, biases TP splits, biases kept whole) of one layer's attention."""
+        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        weights = self.hidden * (q + 2 * kv) + q * self.hidden
+        return weights, (q + 2 * kv) * self.gpt_oss, self.hidden * self.gpt_oss  # o's bias whole
+
+    def expert_tensors(self) -> tuple[int, int]:
+        """(gate_up + down + gate_up bias, down bias) of one layer's experts."""
+        e, h, i = self.experts, self.hidden, self.inter
+        return e * 3 * h * i + e * 2 * i * self.gpt_oss, e * h * self.gpt_oss
+
+    def replicated(self) -> int:
+        """Per layer: router (+ bias), two norms, q/k norms, sinks; and the final norm once."""
+        per_layer = self.experts * (self.hidden + self.gpt_oss) + 2 * self.hidden
+        per_layer += 2 * self.head_dim * self.qk_norm + self.heads * self.gpt_oss
+        return self.layers * per_layer + self.hidden
+
+    def params(self) -> int:
+        return (
+            self.layers * (sum(self.attention()) + sum(self.expert_tensors()))
+            + self.replicated()
+            + (2 * self.vocab * self.hidden)
+        )
+
+    def base_params_per_rank(self, tp: int, ep: int) -> int:
+        """Attention 1/tp where the TP plan lists it (bias of o whole), experts: gate_up, down and
+        gate_up's bias 1/tp (E/ep experts, each split tp/ep ways), down's bias 1/ep; the rest whole."""
+        attn_w, attn_b, o_b = self.attention()
+        attention = attn_w + attn_b + o_b if self.gpt_oss else (attn_w + attn_b) // tp + o_b
+        split, down_bias = self.expert_tensors()
+        return (
+            self.layers * (attention + split // tp + down_bias // ep)
+            + self.replicated()
+            + (2 * self.vocab * self.hidden)
+        )
+
+
+MOE_SIZES = {
+    # Qwen/Qwen3-30B-A3B: 4 KV heads allow TP 1, 2 and 4 only
+    "qwen3-30b-a3b": MoeSizes(
+        2048, 48, 32, 4, 128, 151936, 128, 8, 768, True, False, 30.5e9, ((4, 4), (4, 2))
+    ),
+    "mixtral-8x7b": MoeSizes(
+        4096, 32, 32, 8, 128, 32000, 8, 2, 14336, False, False, 46.7e9, ((8, 8), (8, 4))
+    ),
+    "gpt-oss-20b": MoeSizes(2880, 24, 64, 8, 64, 201088, 32, 4, 2880, False, True, 20.9e9, ((8, 8), (8, 4))),
+}
+MOE_CASES = [
+    pytest.param(name, tp, ep, id=f"{name}-tp{tp}-ep{ep}")
+    for name, s in MOE_SIZES.items()
+    for tp, ep in s.layouts
+]
+MOE_ADAPTER = dict(rank=8, target_parameters=["gate_up_proj", "down_proj"])
+
+
+@pytest.mark.parametrize("name", list(MOE_SIZES))
+def test_moe_preset_builds_on_meta_with_the_model_card_sizes(name):
+    s, model = MOE_SIZES[name], meta_model(name)
+    assert all(p.is_meta for p in model.parameters())
+    total = sum(p.numel() for p in model.parameters())
+    assert total == s.params()
+    assert abs(total / s.published - 1) < 0.03, f"{total / 1e9:.2f}B vs {s.published / 1e9}B published"
+    config = model.config
+    assert (config.num_experts, config.num_experts_per_tok) == (s.experts, s.top_k)
+    assert (config.num_attention_heads, config.num_key_value_heads, config.num_hidden_layers) == (
+        s.heads,
+        s.kv_heads,
+        s.layers,
+    )
+    experts = model.get_submodule("model.layers.0.mlp.experts")
+    stored = (s.experts, s.hidden, 2 * s.inter) if s.gpt_oss else (s.experts, 2 * s.inter, s.hidden)
+    assert tuple(experts.gate_up_proj.shape) == stored
+
+
+@pytest.mark.parametrize(("name", "tp", "ep"), MOE_CASES)
+def test_moe_memory_plan_at_tp_and_ep(name, tp, ep):
+    s, model = MOE_SIZES[name], meta_model(name)
+    plan = resolve_plan(model, BDLoraConfig(nblocks=tp, **MOE_ADAPTER))
+    assert sum(m.experts for m in plan.modules) == 2 * s.layers * s.experts
+    plans = memory_plans(model, plan, tp, seq_len=SEQ_LEN, micro_batch=1, dtype="bfloat16", ep=ep)
+    assert list(plans) == list(LAYOUTS)
+    replicated = plans["replicated"]
+    assert replicated.base_weights == 2 * s.base_params_per_rank(tp, ep)
+    assert replicated.adapter == replicated.grads == 2 * (plan.params // tp)
+    assert replicated.moe_layers == s.layers
+
+
+def test_qwen3_30b_a3b_at_tp8_is_refused_by_its_kv_heads():
+    model = meta_model("qwen3-30b-a3b")
+    plan = resolve_plan(model, BDLoraConfig(nblocks=8, **MOE_ADAPTER))
+    with pytest.raises(BDLoraConfigError, match="num_key_value_heads=4 is not divisible by the TP degree 8"):
+        memory_plan(model, plan, 8, SEQ_LEN, 1, "bfloat16", ep=8)

@@ -233,14 +233,14 @@ class CheckpointIndex:
     """
 
     def __init__(self, model_dir: str | Path, model: nn.Module, conversions: Sequence | None = None) -> None:
-        from bdlora.parallel.loading import weight_files  # loading imports this module
+        from bdlora.parallel.loading import checkpoint_name, weight_files  # loading imports this module
 
         self.model_dir, self.model_type = Path(model_dir), model.config.model_type
         transforms = checkpoint_conversions(model) if conversions is None else list(conversions)
         self._renamings = [_Rule(t) for t in transforms if not isinstance(t, WeightConverter)]
         self._converters = [_Rule(t) for t in transforms if isinstance(t, WeightConverter)]
-        # bdlora's wrapped linears hold their base weight as ``<name>.base_layer.weight``
-        self._model_keys = {k.replace(".base_layer.", ".") for k in model.state_dict()}
+        # transformers' names of the model's tensors (bdlora's wrappers renamed back)
+        self._model_keys = {checkpoint_name(model, k) for k in model.state_dict()}
         self._prefix = getattr(model, "base_model_prefix", "") or ""
         self._where: dict[str, Path] = {}  # checkpoint key -> file
         self._shapes: dict[str, list[int]] = {}  # checkpoint key -> stored shape

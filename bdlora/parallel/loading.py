@@ -12,11 +12,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from bdlora.config import BDLoraConfig
+from bdlora.experts import ExpertLinear
 from bdlora.model import apply_bdlora
 from bdlora.parallel.mesh import on_all_ranks
 from bdlora.parallel.parallelize import parallelize
@@ -166,21 +166,21 @@ def _load_base(model: nn.Module, model_dir: Path, dtype: torch.dtype) -> set[str
     touches every page of its tensor; one handle per tensor unmaps those pages before the next read,
     so a rank's resident memory never holds more than one checkpoint tensor beyond its own shards.
     """
-    where: dict[str, Path] = {}
-    for path in weight_files(model_dir):
-        with safe_open(str(path), framework="pt") as handle:
-            where.update(dict.fromkeys(handle.keys(), path))  # noqa: SIM118  (safe_open has no iter)
+    from bdlora.parallel.conversion import CheckpointIndex
+
+    index = CheckpointIndex(model_dir, model)  # renames and fuses per-expert tensors, as transformers
     tied = getattr(model, "all_tied_weights_keys", None) or {}
     missing, read = [], set()
     for name, tensor in model.state_dict(keep_vars=True).items():
-        key = name.replace(".base_layer.", ".")
-        if ".lora_" in name or (key not in where and key in tied):
+        key = checkpoint_name(model, name)
+        if ".lora_" in name or (key not in index and key in tied):
             continue
-        if key not in where:
+        if key not in index:
             missing.append(key)
             continue
-        with safe_open(str(where[key]), framework="pt") as handle:
-            local = _read_local(model, handle, key)
+        owner_name, _, p_name = name.replace(".base_layer.", ".").rpartition(".")
+        with index.open(key) as source:
+            local = _read_local(model.get_submodule(owner_name), p_name, source)
         if local.shape != tensor.shape:
             raise ValueError(
                 f"{model_dir}: checkpoint tensor {key!r} gives this rank {tuple(local.shape)}, the "
@@ -194,13 +194,24 @@ def _load_base(model: nn.Module, model_dir: Path, dtype: torch.dtype) -> set[str
     return {name for name, t in model.state_dict(keep_vars=True).items() if id(t) in read}
 
 
-def _read_local(model: nn.Module, handle, key: str) -> torch.Tensor:
-    """This rank's part of checkpoint tensor ``key``: its shard where the owning module is sharded."""
+def checkpoint_name(model: nn.Module, name: str) -> str:
+    """transformers' name of state-dict entry ``name``: bdlora's wrappers hold a linear's base as
+    ``<name>.base_layer.weight`` and an expert tensor as ``<experts>.gate_up_proj.base_layer.weight``."""
+    key = name.replace(".base_layer.", ".")
     owner_name, _, p_name = key.rpartition(".")
-    owner = model.get_submodule(owner_name)
+    if ".experts." in key:
+        owner = model.get_submodule(owner_name)
+        if isinstance(owner, ExpertLinear):
+            return owner.checkpoint_key(owner_name, p_name)
+    return key
+
+
+def _read_local(owner: nn.Module, p_name: str, source) -> torch.Tensor:
+    """This rank's part of a checkpoint tensor (a lazy slice of it): its shard where ``owner``, the
+    module holding it as ``p_name``, is sharded."""
     if isinstance(owner, (VocabParallelEmbedding, VocabParallelLMHead)):
-        return owner.shard.take(handle.get_slice(key))  # padding rows stay zero
+        return owner.shard.take(source)  # padding rows stay zero
     style = getattr(owner, "tp_style", None)
     if style is None:
-        return handle.get_tensor(key)  # whole, 0-dim scalars included
-    return style.read_base(owner, p_name, handle.get_slice(key))
+        return source[...]  # whole, 0-dim scalars included
+    return style.read_base(owner, p_name, source)
