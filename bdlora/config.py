@@ -116,8 +116,10 @@ class BDLoraConfig:
                 f"on_unmatched_pattern must be one of {', '.join(UNMATCHED_ACTIONS)}, "
                 f"got {self.on_unmatched_pattern!r}"
             )
-        if not self.target_modules:
-            raise BDLoraConfigError("target_modules is empty: name at least one module, e.g. 'q_proj'")
+        if not self.target_modules and not self.target_parameters:
+            raise BDLoraConfigError(
+                "target_modules and target_parameters are empty: name at least one module, e.g. 'q_proj'"
+            )
         self._targets = [compile_key(k, f"target_modules entry {k!r}") for k in self.target_modules]
         self._param_targets = [
             compile_key(k, f"target_parameters entry {k!r}") for k in self.target_parameters
@@ -233,8 +235,10 @@ class BDLoraConfig:
             if cfg.get(option):
                 raise BDLoraConfigError(f"{option}={cfg[option]!r} is not supported: {why}")
         targets = cfg.get("target_modules")
-        if targets is None:
+        parameters = list(cfg.get("target_parameters") or [])
+        if targets is None and not parameters:
             raise BDLoraConfigError("PEFT config has no target_modules; list the modules to adapt")
+        targets = [] if targets is None else targets
         if isinstance(targets, str):
             target_keys = [rf"\A(?:{targets})"]
         else:
@@ -263,6 +267,7 @@ class BDLoraConfig:
             nblocks=int(bd.get("nblocks", 1)) if bd else 1,
             dropout=float(cfg.get("lora_dropout") or 0.0),
             target_modules=target_keys,
+            target_parameters=[re.escape(p) for p in parameters],
             patterns=patterns,
             on_unmatched_pattern="ignore",
         )

@@ -19,9 +19,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from bdlora.config import BDLoraConfig, BDLoraConfigError
+from bdlora.experts import EXPERT_PARAMS, experts_modules
 from bdlora.fsutil import write_file_atomic
 from bdlora.layers import dense_factors, global_factor_shapes, is_adaptable
 from bdlora.model import adapters_of, add_adapter_, remove_adapter_
+from bdlora.peft_experts import from_peft, peft_param_keys, to_peft
 from bdlora.plan import ModulePlan, Plan
 from bdlora.roles import Role
 from bdlora.state import on_every_rank, state_of
@@ -38,8 +40,9 @@ def _leaf(name: str) -> str:
 
 def _targets(plan: Plan, linear_names: list[str]) -> tuple[list[str], list[str]]:
     """(target_modules, exclude_modules): leaf names, minus the linear modules the plan leaves out."""
-    leaves = sorted({_leaf(n) for n in plan.names})
-    adapted = set(plan.names)
+    names = [m.name for m in plan.modules if not m.experts]
+    leaves = sorted({_leaf(n) for n in names})
+    adapted = set(names)
     excluded = sorted(n for n in linear_names if _leaf(n) in leaves and n not in adapted)
     return leaves, excluded
 
@@ -95,6 +98,8 @@ def peft_config_dict(model: nn.Module, adapter_name: str, fmt: str) -> dict[str,
         if is_adaptable(getattr(m, "base_layer", m)) and not n.endswith("base_layer")
     ]
     targets, excluded = _targets(plan, linear_names)
+    if any(m.experts for m in plan.modules):
+        _check_expert_export(plan, fmt)
     kwargs: dict[str, Any] = dict(
         r=rank,
         lora_alpha=alpha,
@@ -105,7 +110,8 @@ def peft_config_dict(model: nn.Module, adapter_name: str, fmt: str) -> dict[str,
         alpha_pattern=_pattern(plan, lambda m: m.settings.alpha, alpha),
         base_model_name_or_path=getattr(getattr(model, "config", None), "_name_or_path", None),
         task_type="CAUSAL_LM" if _is_causal_lm(model) else None,
-        fan_in_fan_out=any(m.fan_in_fan_out for m in plan.modules),  # PEFT requires it for Conv1D
+        fan_in_fan_out=any(m.fan_in_fan_out and not m.experts for m in plan.modules),  # Conv1D
+        target_parameters=_target_parameters(model, plan) or None,
     )
     if fmt == "peft-bdlora":
         _warn_conv1d_bdlora(plan, adapter_name)
@@ -118,6 +124,39 @@ def peft_config_dict(model: nn.Module, adapter_name: str, fmt: str) -> dict[str,
         if isinstance(out[key], set):
             out[key] = sorted(out[key])
     return json.loads(json.dumps(out, default=lambda o: o.__dict__ if hasattr(o, "__dict__") else str(o)))
+
+
+def _target_parameters(model: nn.Module, plan: Plan) -> list[str]:
+    """PEFT ``target_parameters`` for the adapted expert tensors: ``experts.gate_up_proj``-style
+    suffixes where every experts module adapts that tensor, else the full names."""
+    adapted = [m.name for m in plan.modules if m.experts]
+    every = {name for name, _ in experts_modules(model)}
+    out = []
+    for p_name in EXPERT_PARAMS:
+        names = [n for n in adapted if n.endswith("." + p_name)]
+        if names and len(names) == len(every):
+            out.append(".".join(names[0].split(".")[-2:]))
+        else:
+            out.extend(names)
+    return out
+
+
+def _check_expert_export(plan: Plan, fmt: str) -> None:
+    """PEFT adapts expert tensors as plain LoRA only (``ParamWrapper`` refuses ``use_bdlora``), and
+    without dropout."""
+    if fmt == "peft-bdlora":
+        raise BDLoraConfigError(
+            "the adapter adapts MoE expert tensors; PEFT loads those through target_parameters as plain "
+            "LoRA only (its ParamWrapper refuses use_bdlora: 'Invalid or unsupported variant "
+            "combination'). Save with format='peft-lora' (the same adapter, every block-diagonal factor "
+            "expanded to the dense one it equals); bdlora's sharded checkpoints keep the blocks"
+        )
+    dropped = [m.name for m in plan.modules if m.experts and m.settings.dropout]
+    if dropped:
+        raise BDLoraConfigError(
+            f"expert tensor {dropped[0]!r} has dropout {plan[dropped[0]].settings.dropout}; PEFT's "
+            f"target_parameters LoRA refuses lora_dropout != 0 (its delta is folded into the weight)"
+        )
 
 
 def _warn_conv1d_bdlora(plan: Plan, adapter_name: str) -> None:
@@ -147,11 +186,22 @@ def adapter_tensors(model: nn.Module, adapter_name: str, fmt: str) -> dict[str, 
     out = {}
     for m in plan.modules:
         a, b = model.get_submodule(m.name).full_factors(adapter_name)
+        if m.experts:
+            key_a, key_b = _expert_keys(plan, m)
+            out[key_a], out[key_b] = to_peft(a, b, m.role, plan.global_nblocks, m.fan_in_fan_out)
+            continue
         if fmt == "peft-lora":
             a, b = dense_factors(m.role, a, b, plan.global_nblocks)
         out[f"{PREFIX}{m.name}.lora_A.weight"] = a.contiguous()
         out[f"{PREFIX}{m.name}.lora_B.weight"] = b.contiguous()
     return out
+
+
+def _expert_keys(plan: Plan, m: ModulePlan) -> tuple[str, str]:
+    """PEFT's keys for expert tensor ``m``: named by the experts module, nested by what it adapts."""
+    owner, _, p_name = m.name.rpartition(".")
+    targeted = [p for p in EXPERT_PARAMS if f"{owner}.{p}" in plan.names]  # registration order
+    return peft_param_keys(owner, p_name, targeted)
 
 
 def write_adapter_files(directory: str | Path, config: dict, tensors: dict[str, torch.Tensor]) -> Path:
@@ -280,6 +330,9 @@ def _copy_factors(
     expected = set()
     for m in plan.modules:
         layer = model.get_submodule(m.name)
+        if m.experts:
+            expected.update(_copy_expert_factors(layer, plan, m, tensors, adapter_name, directory))
+            continue
         shape_a, shape_b = global_factor_shapes(m.role, m.d_in, m.d_out, m.rank, stored_nblocks)
         a = _take(tensors, f"{PREFIX}{m.name}.lora_A.weight", shape_a, m, stored_nblocks, directory)
         b = _take(tensors, f"{PREFIX}{m.name}.lora_B.weight", shape_b, m, stored_nblocks, directory)
@@ -293,6 +346,32 @@ def _copy_factors(
             f"{directory}: {len(unused)} tensors match no adapted module (first: {unused[0]!r}); "
             f"the adapter was trained on a different architecture or target_modules"
         )
+
+
+def _copy_expert_factors(
+    layer: nn.Module, plan: Plan, m: ModulePlan, tensors: dict, adapter_name: str, directory
+) -> tuple[str, str]:
+    """Fill an expert tensor's factors from PEFT's ``target_parameters`` LoRA (dense, any nblocks=1)."""
+    key_a, key_b = _expert_keys(plan, m)
+    for key in (key_a, key_b):
+        if key not in tensors:
+            raise BDLoraConfigError(f"{directory}: missing tensor {key!r} for expert tensor {m.name!r}")
+    try:
+        a, b = from_peft(tensors[key_a], tensors[key_b], m.experts, m.fan_in_fan_out)
+    except ValueError as err:
+        raise BDLoraConfigError(f"{directory}: {m.name!r}: {err}") from None
+    shape_a, shape_b = layer.factor_shapes(m.rank, 1)
+    if (tuple(a.shape), tuple(b.shape)) != (shape_a, shape_b):
+        raise BDLoraConfigError(
+            f"{directory}: expert tensor {m.name!r} gets factors {tuple(a.shape)}, {tuple(b.shape)} from "
+            f"{key_a!r}; rank {m.rank} over {m.experts} experts expects {shape_a}, {shape_b}"
+        )
+    if plan.global_nblocks != 1:
+        raise BDLoraConfigError(
+            f"{directory}: expert tensors are stored as plain LoRA; load the adapter with nblocks=1"
+        )
+    layer.set_factors(adapter_name, a, b)
+    return key_a, key_b
 
 
 def _take(tensors: dict, key: str, shape: tuple, m: ModulePlan, nblocks: int, directory) -> torch.Tensor:
