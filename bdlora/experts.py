@@ -189,8 +189,8 @@ class BDLoraExperts(nn.Module):
         local = top_k_index - self.expert_offset  # (T, k) local expert ids; others out of range
         with torch.no_grad():
             hit = local[(local >= 0) & (local < self.num_local_experts)].unique().tolist()
-        if not hit:
-            return out + self.gate_up_proj.keep_grads() + self.down_proj.keep_grads()
+        if not hit:  # still a function of the input: the block's f must run its backward here too
+            return hidden_states * 0.0 + self.gate_up_proj.keep_grads() + self.down_proj.keep_grads()
         for e in hit:
             token_idx, slot = torch.where(local == e)  # (n,), (n,)
             h = self.gate_up_proj.expert_forward(hidden_states[token_idx], e)  # (n, 2I_local)

@@ -100,6 +100,7 @@ def peft_config_dict(model: nn.Module, adapter_name: str, fmt: str) -> dict[str,
     targets, excluded = _targets(plan, linear_names)
     if any(m.experts for m in plan.modules):
         _check_expert_export(plan, fmt)
+    _warn_peft_moe_renaming(model, targets, adapter_name)
     kwargs: dict[str, Any] = dict(
         r=rank,
         lora_alpha=alpha,
@@ -157,6 +158,34 @@ def _check_expert_export(plan: Plan, fmt: str) -> None:
             f"expert tensor {dropped[0]!r} has dropout {plan[dropped[0]].settings.dropout}; PEFT's "
             f"target_parameters LoRA refuses lora_dropout != 0 (its delta is folded into the weight)"
         )
+
+
+def _warn_peft_moe_renaming(model: nn.Module, targets: list[str], adapter_name: str) -> None:
+    """PEFT (>= 0.19, transformers 5) rewrites an adapter's ``target_modules`` named like a
+    transformers-4 expert linear (``gate_proj``, ``up_proj``, ``down_proj``, ``w1``...) onto the
+    fused expert tensors of MoE models whose experts transformers now fuses (DeepSeek-V3,
+    Qwen3-MoE, Mixtral, ...), doubling gate_up's rank: a shared expert or dense MLP adapted under
+    those names then does not load into PEFT as saved. Its tables are private; read in this one place."""
+    try:
+        from peft.utils import transformers_weight_conversion as conversion
+    except ImportError:
+        return
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    family = getattr(conversion, "_MODEL_TO_CONVERSION_PATTERN", {}).get(model_type)
+    renamed = getattr(conversion, "_MOE_TARGET_MODULE_MAPPING", {}).get(family, {})
+    hit = sorted(t for t in targets if t in renamed)
+    if not hit:
+        return
+    from peft import __version__ as peft_version
+
+    warnings.warn(
+        f"adapter {adapter_name!r}: PEFT {peft_version} rewrites target_modules {hit} of a "
+        f"{model_type} model onto its fused expert tensors (its transformers-4 compatibility), so "
+        f"PEFT will not load the {hit[0]} adapters of this directory as saved; bdlora.load_adapter "
+        f"and bdlora.from_pretrained do. Leave those modules out (patterns {{{hit[0]!r}: None}}) "
+        f"for an adapter PEFT loads.",
+        stacklevel=4,
+    )
 
 
 def _warn_conv1d_bdlora(plan: Plan, adapter_name: str) -> None:

@@ -109,6 +109,18 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
 # 3-D tensors, ``mlp.experts``). Qwen/Qwen3-30B-A3B: 48 layers of 128 experts (top 8) of size 768;
 # its intermediate_size 6144 would size only dense layers (mlp_only_layers), of which it has none.
 MOE_PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
+    # A tiny Qwen3-MoE for tests and demos (byte vocabulary): 4 experts (top 2) of size 32 per layer.
+    "tiny-qwen3-moe": (
+        "qwen3_moe",
+        {
+            **_TINY,
+            "intermediate_size": 64,
+            "moe_intermediate_size": 32,
+            "head_dim": 16,
+            "num_experts": 4,
+            "num_experts_per_tok": 2,
+        },
+    ),
     "qwen3-30b-a3b": (
         "qwen3_moe",
         dict(

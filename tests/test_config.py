@@ -179,7 +179,7 @@ def test_unmatched_pattern_warns_and_plan_builds(tiny_llama):
         (dict(patterns={"q_proj": {"init": "zeros"}}), r"patterns\['q_proj'\]: unknown init 'zeros'"),
         (dict(nblocks=0), r"nblocks must be a positive integer, got 0"),
         (dict(on_unmatched_pattern="raise"), r"on_unmatched_pattern must be one of error, warn, ignore"),
-        (dict(target_modules=[]), r"target_modules is empty"),
+        (dict(target_modules=[]), r"target_modules and target_parameters are empty"),
     ],
 )
 def test_setting_errors(kwargs, message):

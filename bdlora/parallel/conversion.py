@@ -221,6 +221,43 @@ class _Fused:
     groups: list[dict[int | None, str]] = field(default_factory=list)  # per pattern: expert -> key
 
 
+@dataclass(frozen=True)
+class StoredPart:
+    """One checkpoint tensor of a model tensor: ``model_tensor[index]`` is the stored ``key``.
+
+    ``index`` holds one entry per dim of the model tensor: an int where the stored tensor is one
+    entry of that dim (the expert a per-expert tensor is, which its own shape lacks), else the
+    ``slice(start, stop)`` (step 1) it spans, e.g. gate's or up's rows of a fused ``gate_up_proj``.
+    """
+
+    key: str
+    index: tuple[int | slice, ...]
+
+    @property
+    def expert(self) -> int | None:
+        """The expert this stored tensor belongs to alone (dim 0 an int), else None (all it spans)."""
+        return self.index[0] if self.index and isinstance(self.index[0], int) else None
+
+
+def _place(source: LazySource, index: list[int | slice], dims: list[int], out: list[StoredPart]) -> None:
+    """Append the :class:`StoredPart` of every stored tensor ``source`` is composed of; ``index``
+    is where ``source`` sits in the model tensor, ``dims`` the model tensor's dim of each of its own."""
+    if isinstance(source, Stored):
+        out.append(StoredPart(source.key, tuple(index)))
+    elif isinstance(source, Stacked):  # its dim 0 is the expert: one int per part, dim dropped
+        dim = dims[0]
+        first = index[dim].start
+        for e, part in enumerate(source.parts):
+            _place(part, [*index[:dim], first + e, *index[dim + 1 :]], dims[1:], out)
+    elif isinstance(source, Concatenated):  # each part a span of its dim
+        dim = dims[source.dim]
+        first = index[dim].start
+        for part, start, stop in zip(source.parts, source.starts, source.starts[1:]):
+            _place(part, [*index[:dim], slice(first + start, first + stop), *index[dim + 1 :]], dims, out)
+    else:
+        raise TypeError(f"cannot place the parts of {type(source).__name__}")
+
+
 class CheckpointIndex:
     """The model-side tensors of a safetensors checkpoint, each readable lazily by slices.
 
@@ -269,6 +306,26 @@ class CheckpointIndex:
         if key in self._fused:
             return list(self._fused_shapes[key])
         return list(self._shapes[self._checkpoint_key(key)])
+
+    def parts(self, key: str) -> list[StoredPart]:
+        """The checkpoint tensors model tensor ``key`` is made of, and where each one sits in it.
+
+        Each :class:`StoredPart` names a stored tensor and the index (one int or ``[start, stop)``
+        slice per dim of the model tensor) with ``model_tensor[part.index]`` equal to it, in the
+        stored shape: a plain key gives one part, the whole tensor; Mixtral's expert ``e`` gate
+        ``(I, H)`` in ``experts.gate_up_proj`` ``(E, 2I, H)`` gives ``(e, slice(0, I),
+        slice(0, H))``, its up ``(e, slice(I, 2I), slice(0, H))``. Parts are listed in storage
+        order (pattern by pattern, expert by expert) and tile the model tensor. From the file
+        headers alone: nothing is read.
+        """
+        if key not in self._fused:
+            stored = self._checkpoint_key(key)
+            return [StoredPart(stored, tuple(slice(0, n) for n in self._shapes[stored]))]
+        source = self._compose(key, _Files(ExitStack()))  # builds lazy sources; opens no file
+        shape = source.get_shape()
+        found: list[StoredPart] = []
+        _place(source, [slice(0, n) for n in shape], list(range(len(shape))), found)
+        return found
 
     @contextmanager
     def open(self, key: str) -> Iterator[Any]:

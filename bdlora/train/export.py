@@ -42,10 +42,11 @@ from bdlora.layers import dense_factors, global_factor_shapes
 from bdlora.model import merge_and_unload
 from bdlora.parallel import from_pretrained, parallelize
 from bdlora.parallel.checkpoint import full_factors, load_sharded_adapter, open_shards, read_shard_meta
+from bdlora.parallel.experts import ExpertLayout
 from bdlora.parallel.loading import weight_files
 from bdlora.parallel.styles import LinearLayout, sharding_class
 from bdlora.peft_io import save_adapter
-from bdlora.plan import Plan, resolve_plan
+from bdlora.plan import ModulePlan, Plan, resolve_plan
 from bdlora.presets import build_model as build_preset
 from bdlora.train.checkpoint import COMPLETE, STATE, newest_intact, verify_checkpoint
 from bdlora.train.config import ModelConfig
@@ -199,26 +200,47 @@ def _safetensors_header(path: Path) -> tuple[dict, int]:
 
 
 def adapter_plan(model_dir: Path, checkpoint: Path) -> tuple[Plan, str]:
-    """The checkpoint's adapter plan on ``model_dir``'s architecture (built on meta: no weights)."""
+    """The checkpoint's adapter plan on ``model_dir``'s architecture (built on meta: no weights);
+    expert tensors too, where the checkpoint's config has ``target_parameters``."""
+    meta = read_shard_meta(checkpoint)
+    return _plan_on(_skeleton(model_dir, meta), meta), meta["sharding"]
+
+
+def _skeleton(model_dir: Path, meta: dict) -> nn.Module:
+    """``model_dir``'s transformers model on the meta device, with the run's own TP plan (roles)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    meta = read_shard_meta(checkpoint)
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
     if meta.get("tp_plan"):  # a run's own parallel.tp_plan decides its modules' roles
         skeleton.config.base_model_tp_plan = meta["tp_plan"]
-    return resolve_plan(skeleton, BDLoraConfig.from_dict(meta["config"])), meta["sharding"]
+    return skeleton
+
+
+def _plan_on(skeleton: nn.Module, meta: dict) -> Plan:
+    return resolve_plan(skeleton, BDLoraConfig.from_dict(meta["config"]))
+
+
+def _saved_layout(meta: dict, m: ModulePlan) -> LinearLayout | ExpertLayout:
+    """How module ``m``'s shards were split (``checkpoint.saved_layout``, from the plan: no layer)."""
+    if m.experts:
+        saved = meta.get("experts", {}).get(m.name, {})
+        return ExpertLayout(m.role, saved.get("segments", 1), saved.get("ep", 1), m.fan_in_fan_out)
+    return LinearLayout(m.role, meta.get("packed_segments", {}).get(m.name, 1))
 
 
 def _full_factors(checkpoint: Path, plan: Plan, sharding: str) -> dict[str, tuple[torch.Tensor, ...]]:
-    """Module name -> unsharded (A, B) as stored (block-diagonal factor packed), shape-checked."""
+    """Module name -> unsharded (A, B) as stored (block-diagonal factor packed), shape-checked;
+    an expert tensor's carry the expert dim first: ``(E, ...)``."""
     meta = read_shard_meta(checkpoint)
-    segments, cls = meta.get("packed_segments", {}), sharding_class(sharding)
+    cls = sharding_class(sharding)
     out = {}
     with open_shards(checkpoint, "adapter", meta["tp"]) as shards:
         for m in plan.modules:
-            a, b = full_factors(shards, m.name, LinearLayout(m.role, segments.get(m.name, 1)), cls)
+            a, b = full_factors(shards, m.name, _saved_layout(meta, m), cls)
             want = global_factor_shapes(m.role, m.d_in, m.d_out, m.rank, plan.global_nblocks)
+            if m.experts:
+                want = tuple((m.experts, *shape) for shape in want)
             if (tuple(a.shape), tuple(b.shape)) != want:
                 raise ExportError(
                     f"{checkpoint}: adapter of {m.name!r} has (A, B) shapes {tuple(a.shape)}, "
@@ -228,39 +250,114 @@ def _full_factors(checkpoint: Path, plan: Plan, sharding: str) -> dict[str, tupl
     return out
 
 
+def _stored_targets(
+    model_dir: Path, skeleton: nn.Module, plan: Plan
+) -> dict[str, list[tuple[ModulePlan, tuple[int | slice, ...]]]]:
+    """Checkpoint key -> the adapted modules whose weight it holds (part of), and where in it.
+
+    The model key of a linear is ``<name>.weight``, of an expert tensor its own name; each is
+    found in the checkpoint as ``from_pretrained`` finds it (:meth:`CheckpointIndex.parts`):
+    Mixtral's ``experts.gate_up_proj`` is its per-expert ``w1`` (gate rows) and ``w3`` (up rows).
+    """
+    from bdlora.parallel.conversion import CheckpointIndex  # noqa: PLC0415  (imports transformers)
+
+    try:
+        index = CheckpointIndex(model_dir, skeleton)
+    except ValueError as err:
+        raise ExportError(str(err)) from err
+    targets: dict[str, list] = {}
+    missing = []
+    for m in plan.modules:
+        key = m.name if m.experts else f"{m.name}.weight"
+        if key not in index:
+            missing.append(key)
+            continue
+        for part in index.parts(key):
+            targets.setdefault(part.key, []).append((m, part.index))
+    if missing:
+        raise ExportError(
+            f"{model_dir}: no weight for adapted module(s) {sorted(missing)[:3]} in its safetensors "
+            "files (a tied or renamed weight?); the adapter cannot be merged into this checkpoint"
+        )
+    return targets
+
+
+def _add_delta(
+    data: torch.Tensor,
+    m: ModulePlan,
+    factors: tuple[torch.Tensor, ...],
+    nblocks: int,
+    index: tuple,
+    where: str,
+) -> None:
+    """``data += scale * B A`` in place, for the part ``index`` of module ``m``'s weight it holds.
+
+    ``data`` is the stored tensor in fp32 and ``index`` where it sits in the model tensor (one int
+    or slice per dim): an expert tensor's dim 0 is the expert (an int: ``data`` is that expert's
+    alone), the last two are rows and columns as stored, ``(d_in, d_out)`` for transposed storage.
+    Only the rows and columns ``data`` holds are computed: ``B[rows] @ A[:, cols]``.
+    """
+    a, b = factors
+    if m.experts:
+        expert, rest = index[0], index[1:]
+        if isinstance(expert, int):
+            pieces = [(expert, data)]
+        else:
+            pieces = [(e, data[i]) for i, e in enumerate(range(m.experts)[expert])]
+    else:
+        rest, pieces = index, [(None, data)]
+    if len(rest) != 2 or not all(isinstance(s, slice) for s in rest):
+        raise ExportError(f"{where}: cannot merge into a part {index} of {m.name!r}")
+    rows, cols = (rest[1], rest[0]) if m.fan_in_fan_out else rest  # in (d_out, d_in) orientation
+    for e, stored in pieces:
+        a_e, b_e = (a, b) if e is None else (a[e], b[e])
+        dense_a, dense_b = dense_factors(m.role, a_e, b_e, nblocks)  # (r, d_in), (d_out, r)
+        base = stored.t() if m.fan_in_fan_out else stored  # (d_out, d_in) part
+        want = (len(range(m.d_out)[rows]), len(range(m.d_in)[cols]))
+        if tuple(base.shape) != want:
+            raise ExportError(f"{where} holds {tuple(base.shape)} of {m.name!r}; its adapter gives {want}")
+        base.addmm_(dense_b[rows], dense_a[:, cols], alpha=m.settings.scale)  # through the view
+
+
 @torch.no_grad()
 def merge_streaming(model_dir: str | Path, checkpoint: str | Path, out: str | Path) -> None:
     """Write ``model_dir`` with the checkpoint's adapter merged into ``out`` (an existing directory).
 
     Each safetensors file is copied under its own name, then each adapted weight in it is read alone,
     merged in fp32 (``W + scale * B_dense A_dense``), cast back to its dtype and written over its
-    own bytes: dtypes, shapes, key order and the index are unchanged, and memory holds the adapter
-    plus one base tensor. Every other file (config, tokenizer, generation config) is copied.
+    own bytes: dtypes, shapes, key names and order and the index are unchanged, and memory holds the
+    adapter plus one base tensor. Expert tensors merge per expert in the checkpoint's own layout:
+    per-expert tensors (Mixtral's ``experts.{e}.w1``, gate rows of ``experts.gate_up_proj``) each
+    get their expert's rows, fused ones (gpt-oss, transposed) every expert's delta. Every other file
+    (config, tokenizer, generation config) is copied.
     """
     model_dir, checkpoint, out = Path(model_dir), Path(checkpoint), Path(out)
-    plan, sharding = adapter_plan(model_dir, checkpoint)
-    factors = _full_factors(checkpoint, plan, sharding)
+    meta = read_shard_meta(checkpoint)
+    skeleton = _skeleton(model_dir, meta)
+    plan = _plan_on(skeleton, meta)
+    factors = {
+        name: tuple(t.float() for t in pair)
+        for name, pair in _full_factors(checkpoint, plan, meta["sharding"]).items()
+    }
+    targets = _stored_targets(model_dir, skeleton, plan)
     sources = weight_files(model_dir)
     for path in model_dir.iterdir():
         if path.is_file() and not path.name.startswith(".") and path not in sources:
             if path.suffix not in UNMERGED_WEIGHT_SUFFIXES:
                 shutil.copy2(path, out / path.name)
-    pending = {f"{m.name}.weight": m for m in plan.modules}
     for src in sources:
         shutil.copy2(src, out / src.name)
         header, data_start = _safetensors_header(src)
         with open(out / src.name, "r+b") as dst:
-            for key in [k for k in header if k in pending]:
-                m = pending.pop(key)
-                a, b = dense_factors(m.role, *(t.float() for t in factors[m.name]), plan.global_nblocks)
-                data = _read_tensor(src, key).float()  # (d_out, d_in); Conv1D: (d_in, d_out)
-                base = data.t() if m.fan_in_fan_out else data
-                base.addmm_(b, a, alpha=m.settings.scale)  # in place, through the view
-                _write_tensor(dst, data_start, header[key], data, where=f"{src}: {key!r}")
-    if pending:
+            for key in [k for k in header if k in targets]:
+                where = f"{src}: {key!r}"
+                data = _read_tensor(src, key).float()
+                for m, index in targets.pop(key):
+                    _add_delta(data, m, factors[m.name], plan.global_nblocks, index, where)
+                _write_tensor(dst, data_start, header[key], data, where=where)
+    if targets:  # the index read these headers; only a file changed since could get here
         raise ExportError(
-            f"{model_dir}: no weight for adapted module(s) {sorted(pending)[:3]} in its safetensors "
-            "files (a tied or renamed weight?); the adapter cannot be merged into this checkpoint"
+            f"{model_dir}: adapted weights {sorted(targets)[:3]} not found in its safetensors files"
         )
 
 

@@ -105,15 +105,28 @@ def _run(cfg: TrainConfig, ctx: RunContext, overrides: list[str], hydra_yaml: st
     evaluated = last is not None and "eval_loss" in last  # the last step evaluated
     final_eval = {k: v for k, v in last.items() if k.startswith("eval_")} if evaluated else evaluate()
     adapter_dir = ctx.run_dir / "adapter"
+    export_format = _export_format(cfg.checkpoint.export_format, plan, ctx)
     with ds.full_parameters(engine):
         if ctx.tp.size > 1 or ctx.is_main:  # sharded: every rank gathers; replicated: rank 0 alone saves
-            save_adapter(model, adapter_dir, format=cfg.checkpoint.export_format)
+            save_adapter(model, adapter_dir, format=export_format)
     session = range(start + 1, cfg.steps + 1)  # the steps this start ran
     summary = (session, first_loss, last, initial_eval, final_eval, checkpointer, adapter_dir, plan.params)
     on_all_ranks(lambda: _print_summary(ctx, *summary) if ctx.is_main else None)
     if engine is not None:
         engine.destroy()  # DeepSpeed's hooks and buffers go before the process group does
     return float(final_eval.get("eval_loss", math.nan))
+
+
+def _export_format(requested: str, plan, ctx: RunContext) -> str:
+    """The run's adapter format: PEFT loads adapters on MoE expert tensors as plain LoRA only."""
+    if requested == "peft-bdlora" and any(m.experts for m in plan.modules):
+        ctx.print0(
+            "note: the adapter adapts MoE expert tensors, which PEFT loads as plain LoRA only: "
+            "RUN_DIR/adapter is written as peft-lora (block-diagonal factors expanded, exact); the "
+            "checkpoints keep the blocks"
+        )
+        return "peft-lora"
+    return requested
 
 
 def _train_steps(cfg: TrainConfig, start: int, trainer, loader, evaluate, logger, save, ctx: RunContext):
