@@ -80,6 +80,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
         )
     if args.tp < 1:
         raise BDLoraConfigError(f"--tp {args.tp}: the TP degree must be a positive integer")
+    if args.ep < 1 or args.tp % args.ep:
+        valid = [d for d in range(1, args.tp + 1) if args.tp % d == 0]
+        raise BDLoraConfigError(
+            f"--ep {args.ep}: expert parallelism splits the experts over the TP ranks, so it must divide "
+            f"--tp {args.tp}; valid: {valid}"
+        )
     _check_memory_options(args)
     plan = resolve_plan(model, config)
     blocks = None
@@ -87,8 +93,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
         from bdlora.parallel.sharding import check_model_tp  # noqa: PLC0415
         from bdlora.parallel.styles import BDLoraTP  # noqa: PLC0415
 
-        blocks, layouts = check_model_tp(model, args.tp)
-        BDLoraTP.check_plan(plan, args.tp, layouts)
+        from bdlora.experts import experts_modules  # noqa: PLC0415
+        from bdlora.parallel.sharding import check_adapter_plan  # noqa: PLC0415
+
+        blocks, layouts = check_model_tp(model, args.tp, BDLoraTP, args.ep)
+        check_adapter_plan(plan, args.tp, BDLoraTP, layouts, dict(experts_modules(model)), args.ep)
     if args.memory:
         return _print_memory(args, model, plan)
     print(plan.format(tp=args.tp))
@@ -129,6 +138,7 @@ def _print_memory(args: argparse.Namespace, model, plan: Plan) -> int:
         micro_batch=args.micro_batch,
         dtype=args.dtype,
         activation_checkpointing=args.activation_checkpointing,
+        ep=args.ep,
     )
     print(
         f"{args.model}: {len(plan.modules)} adapted modules, "
@@ -201,6 +211,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     plan.add_argument("--config", help="BD-LoRA YAML config, or a PEFT adapter dir / adapter_config.json")
     plan.add_argument("--tp", type=int, default=1, help="show parameters per rank at this TP degree")
+    plan.add_argument(
+        "--ep",
+        type=int,
+        default=1,
+        help="MoE models: split the experts over this many groups of the TP ranks (divides --tp)",
+    )
     plan.add_argument("--memory", action="store_true", help="print per-rank training memory instead")
     plan.add_argument(
         "--seq-len",
