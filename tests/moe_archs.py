@@ -29,6 +29,7 @@ import bdlora
 from bdlora.experts import BDLoraExperts
 from bdlora.model import bdlora_layers
 from bdlora.parallel.accounting import CommCounter
+from bdlora.parallel.checkpoint import load_sharded_adapter, save_sharded_adapter
 from bdlora.parallel.mesh import ParallelDims, build_mesh
 
 TINY = dict(
@@ -192,9 +193,14 @@ def check_layout(arch: str, model_dir: str, adapter_root: str, tp: int, ep: int)
     out["logits"] = _logits(model, ids)
     adapter_dir = Path(adapter_root) / f"{arch}-tp{tp}-ep{ep}"
     bdlora.save_adapter(model, adapter_dir, format="peft-lora")
+    save_sharded_adapter(model, sharded_dir(adapter_root, arch, tp, ep))  # dp = 1: every rank writes
     if group is None or dist.get_rank() == 0:  # PEFT's own refusal is a result, not a failure
         out["peft_logits"] = capture(peft_logits, model_dir, adapter_dir, ids)
     return out
+
+
+def sharded_dir(adapter_root: str, arch: str, tp: int, ep: int) -> Path:
+    return Path(adapter_root) / f"{arch}-tp{tp}-ep{ep}-sharded"
 
 
 def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
@@ -239,6 +245,13 @@ def reference(arch: str, model_dir: str) -> dict:
     loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
     return {"loss": loss.detach(), "grads": gathered_grads(model), "logits": _logits(model, ids)}
+
+
+def restored_logits(arch: str, model_dir: str, checkpoint: Path) -> torch.Tensor:
+    """Logits at TP 1 of the base with an adapter restored from a checkpoint sharded at any layout."""
+    model = bdlora.from_pretrained(model_dir)
+    load_sharded_adapter(model, checkpoint)
+    return _logits(model, batch())
 
 
 def strip_key(path: Path, key: str) -> None:

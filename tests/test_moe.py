@@ -36,11 +36,16 @@ def references(model_dirs) -> dict[str, dict]:
 
 
 @pytest.fixture(scope="module")
-def launches(model_dirs, tmp_path_factory) -> dict[int, list[dict]]:
+def adapter_roots(tmp_path_factory) -> dict[int, str]:
+    return {world: str(tmp_path_factory.mktemp(f"moe_adapters_{world}")) for world in moe.LAYOUTS}
+
+
+@pytest.fixture(scope="module")
+def launches(model_dirs, adapter_roots) -> dict[int, list[dict]]:
     """World size -> per rank, (arch, tp, ep) -> results or traceback."""
     out = {}
     for world in moe.LAYOUTS:
-        root = str(tmp_path_factory.mktemp(f"moe_adapters_{world}"))
+        root = adapter_roots[world]
         if world == 1:
             out[world] = [moe.check_layouts(model_dirs, root, 1)]
         else:
@@ -126,6 +131,14 @@ def test_saving_warns_where_peft_renames_the_targets(model_dirs, tmp_path):
         UserWarning, match=r"PEFT .* rewrites target_modules \['down_proj', 'gate_proj', 'up_proj'\]"
     ):
         bdlora.save_adapter(model, tmp_path / "a", format="peft-lora")
+
+
+@pytest.mark.parametrize(("world", "tp", "ep", "arch"), CASES)
+def test_sharded_checkpoint_restores_at_tp1(launches, adapter_roots, model_dirs, world, tp, ep, arch):
+    """A checkpoint each rank wrote its shard of (experts split by EP and TP) restores at TP 1."""
+    res = results(launches, world, tp, ep, arch)[0]
+    checkpoint = moe.sharded_dir(adapter_roots[world], arch, tp, ep)
+    assert_close(moe.restored_logits(arch, model_dirs[arch], checkpoint), res["logits"], "restored logits")
 
 
 def test_a_rank_with_no_routed_token_still_matches(launches, references):
