@@ -90,11 +90,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
     plan = resolve_plan(model, config)
     blocks = None
     if args.tp > 1:
-        from bdlora.parallel.sharding import check_model_tp  # noqa: PLC0415
-        from bdlora.parallel.styles import BDLoraTP  # noqa: PLC0415
-
         from bdlora.experts import experts_modules  # noqa: PLC0415
-        from bdlora.parallel.sharding import check_adapter_plan  # noqa: PLC0415
+        from bdlora.parallel.sharding import (
+            check_adapter_plan,  # noqa: PLC0415
+            check_model_tp,  # noqa: PLC0415
+        )
+        from bdlora.parallel.styles import BDLoraTP  # noqa: PLC0415
 
         blocks, layouts = check_model_tp(model, args.tp, BDLoraTP, args.ep)
         check_adapter_plan(plan, args.tp, BDLoraTP, layouts, dict(experts_modules(model)), args.ep)

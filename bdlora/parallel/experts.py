@@ -31,7 +31,7 @@ import torch
 from bdlora.config import BDLoraConfigError
 from bdlora.experts import BDLoraExperts, gate_layout, is_transposed
 from bdlora.parallel.comm import TPGroup, gather_parts, sum_over
-from bdlora.parallel.styles import join, shard_ranges
+from bdlora.parallel.styles import join, keep_local_shards_, shard_ranges
 from bdlora.roles import Role
 
 if TYPE_CHECKING:
@@ -215,26 +215,9 @@ def _expert_dims(experts) -> tuple[int, int]:
 
 def shard_experts_(experts: BDLoraExperts, name: str, tp: TPGroup, ep: int) -> None:
     """Keep this rank's experts, its slices of them and of their adapters (validated before)."""
-    from torch import nn
-
-    layouts = expert_layouts(experts, ep)
-    for p_name, layout in layouts.items():
-        layer = getattr(experts, p_name)
+    for p_name, layout in expert_layouts(experts, ep).items():
         style = ExpertsTP(f"{name}.{p_name}", tp, layout, experts.num_experts)
-        base = layer.base_layer
-        for attr in ("weight", "bias"):
-            param = getattr(base, attr)
-            if param is not None:
-                local = style.read_base(layer, attr, param.data).clone()
-                setattr(base, attr, nn.Parameter(local, requires_grad=False))
-        for adapter in layer.lora_A:
-            a_local, b_local = style.shard_factors(
-                layer, layer.lora_A[adapter].data, layer.lora_B[adapter].data
-            )
-            for store, local in ((layer.lora_A, a_local), (layer.lora_B, b_local)):
-                store[adapter] = nn.Parameter(local.clone(), requires_grad=store[adapter].requires_grad)
-            layer.local_nblocks[adapter] = style.local_nblocks(layer.local_nblocks[adapter])
-        layer.tp_style = style
+        keep_local_shards_(getattr(experts, p_name), style)
         experts.expert_offset, experts.num_local_experts = style.first_expert, style.local_experts
 
 

@@ -22,7 +22,7 @@ from bdlora.model import adapters_of, wrap_linear
 from bdlora.parallel.comm import TPGroup
 from bdlora.parallel.experts import check_expert_plan, check_experts_tp, shard_experts_
 from bdlora.parallel.placement import BlockBoundary, BlockSpec, plan_blocks
-from bdlora.parallel.styles import PLAN_STYLES, BDLoraTP, LinearLayout, TPSharding
+from bdlora.parallel.styles import PLAN_STYLES, BDLoraTP, LinearLayout, TPSharding, keep_local_shards_
 from bdlora.plan import Plan
 from bdlora.roles import REPLICATED_STYLES, Role, name_role, plan_regexes
 
@@ -192,18 +192,4 @@ def shard_tp_(
 
 
 def _shard_linear(model: nn.Module, name: str, style: TPSharding) -> None:
-    module = wrap_linear(model, name, style.layout.role)
-    base = module.base_layer
-    for p_name in ("weight", "bias"):
-        param = getattr(base, p_name)
-        if param is not None:
-            local = style.read_base(module, p_name, param.data).clone()
-            setattr(base, p_name, nn.Parameter(local, requires_grad=False))
-    for adapter in module.lora_A:
-        a_local, b_local = style.shard_factors(
-            module, module.lora_A[adapter].data, module.lora_B[adapter].data
-        )
-        for store, local in ((module.lora_A, a_local), (module.lora_B, b_local)):
-            store[adapter] = nn.Parameter(local.clone(), requires_grad=store[adapter].requires_grad)
-        module.local_nblocks[adapter] = style.local_nblocks(module.local_nblocks[adapter])
-    module.tp_style = style
+    keep_local_shards_(wrap_linear(model, name, style.layout.role), style)

@@ -300,6 +300,24 @@ class SLoraTP(TPSharding):
         return out + once_in_sum(delta, self.tp).to(out.dtype)
 
 
+def keep_local_shards_(layer: BDLoraLinear, style) -> None:
+    """Replace ``layer``'s base tensors and adapter factors by this rank's shards under ``style``
+    (a ``TPSharding``, or an expert tensor's ``ExpertsTP``), which the layer then keeps."""
+    base = layer.base_layer
+    for p_name in ("weight", "bias"):
+        param = getattr(base, p_name)
+        if param is not None:
+            local = style.read_base(layer, p_name, param.data).clone()
+            setattr(base, p_name, torch.nn.Parameter(local, requires_grad=False))
+    for adapter in layer.lora_A:
+        a_full, b_full = layer.lora_A[adapter].data, layer.lora_B[adapter].data
+        a_local, b_local = style.shard_factors(layer, a_full, b_full)
+        for store, local in ((layer.lora_A, a_local), (layer.lora_B, b_local)):
+            store[adapter] = torch.nn.Parameter(local.clone(), requires_grad=store[adapter].requires_grad)
+        layer.local_nblocks[adapter] = style.local_nblocks(layer.local_nblocks[adapter])
+    layer.tp_style = style
+
+
 SHARDINGS: dict[str, type[TPSharding]] = {cls.name: cls for cls in (BDLoraTP, SLoraTP)}
 
 
