@@ -127,8 +127,19 @@ def role_of(name: str, tp_plan: dict[str, str] | None) -> tuple[Role, str]:
     )
 
 
-# Styles of modules other than linear layers, which bdlora leaves as they are.
-_OTHER_STYLES = frozenset({"embedding_rowwise", "embedding_colwise", "sequence_parallel"})
+# Styles of modules other than linear layers, which bdlora leaves as they are; MoE experts' own
+# styles among them: bdlora splits every experts module itself (``parallel.experts``, ``ep=``).
+_OTHER_STYLES = frozenset(
+    {
+        "embedding_rowwise",
+        "embedding_colwise",
+        "sequence_parallel",
+        "moe_tp_experts",
+        "grouped_gemm",
+        "ep_dispatch_experts",
+        "ep_router",
+    }
+)
 
 
 def check_tp_plan(tp_plan: Any) -> dict[str, str]:
