@@ -54,6 +54,9 @@ bench: $(STAMP)
 	$(BIN)/python scripts/bench_scaling.py
 	$(BIN)/python scripts/bench_loading.py
 	$(BIN)/python scripts/bench_engines.py
+	$(BIN)/python scripts/bench_moe.py
+	$(BIN)/python scripts/bench_moe.py --tp 2 --ep 2
+	$(BIN)/python scripts/bench_moe.py --tp 2 --ep 1
 
 # On a machine with an NVIDIA GPU: the layer and 1B-step benchmark in bf16.
 bench-gpu: $(STAMP)

@@ -146,3 +146,27 @@ def test_bench_scaling_quick_writes_four_plots(tmp_path):
     steps = FP32 * 2 * 7 * 1  # --quick: one layer
     (tp2,) = sweeps["tp"]
     assert 2 * tp2["adapter_opt"] - by_rank[16] == steps
+
+
+@pytest.mark.slow
+def test_bench_moe_tiny_prints_three_variants_and_a_finite_overhead():
+    import math
+    import re
+
+    tiny = dict(hidden=32, layers=1, heads=4, experts=4, vocab=64, seq=16, batch=2, rank=4)
+    tiny.update({"kv-heads": 4, "moe-intermediate": 32, "steps": 2, "warmup": 1})
+    cmd = [sys.executable, str(SCRIPTS / "bench_moe.py"), *(f"--{k}={v}" for k, v in tiny.items())]
+    printed = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=120).stdout
+    assert printed.startswith("$ python ")
+    rows = [line for line in printed.splitlines() if line.startswith("| ")]
+    labels = [row.split(" | ")[0].removeprefix("| ") for row in rows[1:]]
+    for label in ("frozen base", "BD-LoRA attention", "BD-LoRA attention + experts"):
+        assert label in labels
+    # per token, forward: frozen linears 4 x 2*32*32 + k=2 x (2*32*64 + 2*32*32) = 20,480; BD-LoRA on
+    # attention 3 x 2*4*(32 + 32/2) + 2*4*(32/2 + 32) = 1,536, on the experts 2 x (2*4*(32 + 64/2) +
+    # 2*4*(32/2 + 32)) = 1,792; a step: 3 x adapter / (2 x base) = 24.375%
+    expert_share = next(row for row in rows if row.startswith("| BD-LoRA attention + experts |"))
+    assert "24.38%" in expert_share
+    overhead = re.search(r"overhead experts over base: (\S+)% = (\S+)x its FLOP share", printed)
+    assert overhead is not None
+    assert all(math.isfinite(float(v)) for v in overhead.groups())
