@@ -119,14 +119,22 @@ class ExpertLinear(BDLoraLinear):
         for e in range(a.shape[0]):  # each expert as one linear layer: the same fan-ins
             init_factors(a[e], b[e], init, base_std, d_in)
 
-    def expert_forward(self, x: torch.Tensor, e: int) -> torch.Tensor:
-        """Local expert ``e`` on its routed tokens: x (n, d_in_local) -> (n, d_out_local), bias included
-        (a row layer's bias from one rank of the expert's TP group, see ``adds_bias``)."""
-        out = F.linear(x, self.weight[e])  # (n, d_out_local)
+    def expert_factors(self) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        """The live adapter's (A_e, B_e) per local expert, or None. Split once per forward: indexing
+        the factors per expert would give each expert a backward that writes a whole-tensor gradient."""
         name = self.live_adapter()
-        if name is not None:
-            a, b = self.lora_A[name][e], self.lora_B[name][e]
-            out = out + self.factor_delta(x, a, b, name).to(out.dtype)
+        if name is None:
+            return None
+        return list(zip(self.lora_A[name].unbind(0), self.lora_B[name].unbind(0)))
+
+    def expert_forward(self, x: torch.Tensor, e: int, factors: list | None) -> torch.Tensor:
+        """Local expert ``e`` on its routed tokens: x (n, d_in_local) -> (n, d_out_local), bias included
+        (a row layer's bias from one rank of the expert's TP group, see ``adds_bias``); ``factors``:
+        ``expert_factors()``."""
+        out = F.linear(x, self.weight[e])  # (n, d_out_local)
+        if factors is not None:
+            a, b = factors[e]
+            out = out + self.factor_delta(x, a, b, self.live_adapter()).to(out.dtype)
         bias = self.base_layer.bias
         if bias is not None and self.adds_bias():
             out = out + bias[e]
@@ -191,10 +199,11 @@ class BDLoraExperts(nn.Module):
             hit = local[(local >= 0) & (local < self.num_local_experts)].unique().tolist()
         if not hit:  # still a function of the input: the block's f must run its backward here too
             return hidden_states * 0.0 + self.gate_up_proj.keep_grads() + self.down_proj.keep_grads()
+        gate_up, down = self.gate_up_proj.expert_factors(), self.down_proj.expert_factors()
         for e in hit:
             token_idx, slot = torch.where(local == e)  # (n,), (n,)
-            h = self.gate_up_proj.expert_forward(hidden_states[token_idx], e)  # (n, 2I_local)
-            y = self.down_proj.expert_forward(self._activation(h), e)  # (n, H), partial under TP
+            h = self.gate_up_proj.expert_forward(hidden_states[token_idx], e, gate_up)  # (n, 2I_local)
+            y = self.down_proj.expert_forward(self._activation(h), e, down)  # (n, H), partial under TP
             out.index_add_(0, token_idx, (y * top_k_weights[token_idx, slot, None]).to(out.dtype))
         return out
 
