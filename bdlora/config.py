@@ -243,6 +243,8 @@ class BDLoraConfig:
             target_keys = [rf"\A(?:{targets})"]
         else:
             target_keys = [re.escape(t) for t in sorted(targets)]
+        # a 2-D parameter (a MoE router's ``gate.weight``) is its module's adapter in bdlora
+        target_keys += [re.escape(p.removesuffix(".weight")) for p in parameters if p.endswith(".weight")]
         patterns: dict[str, dict[str, Any] | None] = {}
         excluded = cfg.get("exclude_modules") or []
         if isinstance(excluded, str):
@@ -267,7 +269,7 @@ class BDLoraConfig:
             nblocks=int(bd.get("nblocks", 1)) if bd else 1,
             dropout=float(cfg.get("lora_dropout") or 0.0),
             target_modules=target_keys,
-            target_parameters=[re.escape(p) for p in parameters],
+            target_parameters=[re.escape(p) for p in parameters if not p.endswith(".weight")],
             patterns=patterns,
             on_unmatched_pattern="ignore",
         )

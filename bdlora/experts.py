@@ -237,6 +237,32 @@ def _activation(experts: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     return act
 
 
+def is_router(model: nn.Module, name: str, module: nn.Module) -> bool:
+    """A MoE router (``mlp.gate``, ``mlp.router``): not a linear layer, but a module of its own with a
+    2-D ``weight`` (one row per expert) beside an experts module."""
+    weight = getattr(module, "weight", None)
+    if isinstance(module, nn.Linear) or not isinstance(weight, nn.Parameter) or weight.dim() != 2:
+        return False
+    parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+    return any(is_experts(child) for child in parent.children())
+
+
+class RouterLinear(BDLoraLinear):
+    """A MoE router with an adapter on its weight: the router's own forward (its softmax, top-k,
+    scaling) runs on ``W + delta``, so whatever the router does with its logits stays transformers'.
+
+    The delta is (E, H): forming it costs less than the router's own matmul over the tokens.
+    """
+
+    def forward(self, *args, **kwargs):
+        name = self.live_adapter()
+        if name is None:
+            return self.base_layer(*args, **kwargs)
+        weight = self.base_layer.weight
+        adapted = {"weight": weight + self.delta_weight(name).to(weight.dtype)}  # (E, H)
+        return torch.func.functional_call(self.base_layer, adapted, args, kwargs)
+
+
 def wrap_experts(model: nn.Module, name: str) -> BDLoraExperts:
     """The BDLoraExperts at ``name``, replacing transformers' experts module there on first use."""
     module = model.get_submodule(name)

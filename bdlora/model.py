@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from bdlora.config import BDLoraConfig
-from bdlora.experts import BDLoraExperts, is_experts, wrap_experts
+from bdlora.experts import BDLoraExperts, RouterLinear, is_experts, is_router, wrap_experts
 from bdlora.layers import BDLoraLinear
 from bdlora.plan import ModulePlan, resolve_plan
 from bdlora.roles import Role
@@ -116,7 +116,7 @@ def wrap_linear(model: nn.Module, name: str, role: Role) -> BDLoraLinear:
     module = model.get_submodule(name)
     if isinstance(module, BDLoraLinear):
         return module
-    layer = BDLoraLinear(module, role)
+    layer = RouterLinear(module, role) if is_router(model, name, module) else BDLoraLinear(module, role)
     setattr(parent, child, layer)
     state_of(model, create=True)
     return layer

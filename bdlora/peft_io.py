@@ -40,7 +40,7 @@ def _leaf(name: str) -> str:
 
 def _targets(plan: Plan, linear_names: list[str]) -> tuple[list[str], list[str]]:
     """(target_modules, exclude_modules): leaf names, minus the linear modules the plan leaves out."""
-    names = [m.name for m in plan.modules if not m.experts]
+    names = [m.name for m in plan.modules if not _is_parameter_target(m)]
     leaves = sorted({_leaf(n) for n in names})
     adapted = set(names)
     excluded = sorted(n for n in linear_names if _leaf(n) in leaves and n not in adapted)
@@ -98,7 +98,7 @@ def peft_config_dict(model: nn.Module, adapter_name: str, fmt: str) -> dict[str,
         if is_adaptable(getattr(m, "base_layer", m)) and not n.endswith("base_layer")
     ]
     targets, excluded = _targets(plan, linear_names)
-    if any(m.experts for m in plan.modules):
+    if any(_is_parameter_target(m) for m in plan.modules):
         _check_expert_export(plan, fmt)
     _warn_peft_moe_renaming(model, targets, adapter_name)
     kwargs: dict[str, Any] = dict(
@@ -127,18 +127,23 @@ def peft_config_dict(model: nn.Module, adapter_name: str, fmt: str) -> dict[str,
     return json.loads(json.dumps(out, default=lambda o: o.__dict__ if hasattr(o, "__dict__") else str(o)))
 
 
+def _is_parameter_target(m: ModulePlan) -> bool:
+    """Adapted through PEFT's ``target_parameters``: an expert tensor, or a MoE router's weight
+    (a module PEFT's LoRA layers cannot wrap)."""
+    return bool(m.experts) or m.role_source == "router"
+
+
 def _target_parameters(model: nn.Module, plan: Plan) -> list[str]:
-    """PEFT ``target_parameters`` for the adapted expert tensors: ``experts.gate_up_proj``-style
-    suffixes where every experts module adapts that tensor, else the full names."""
-    adapted = [m.name for m in plan.modules if m.experts]
-    every = {name for name, _ in experts_modules(model)}
+    """PEFT ``target_parameters``: ``experts.gate_up_proj``-style suffixes (``gate.weight`` for
+    routers) where every experts module adapts that tensor, else the full names."""
+    every = len(list(experts_modules(model)))
     out = []
     for p_name in EXPERT_PARAMS:
-        names = [n for n in adapted if n.endswith("." + p_name)]
-        if names and len(names) == len(every):
-            out.append(".".join(names[0].split(".")[-2:]))
-        else:
-            out.extend(names)
+        names = [m.name for m in plan.modules if m.experts and m.name.endswith("." + p_name)]
+        out += [".".join(names[0].split(".")[-2:])] if names and len(names) == every else names
+    routers = [m.name + ".weight" for m in plan.modules if m.role_source == "router"]
+    leaves = {".".join(n.split(".")[-2:]) for n in routers}
+    out += sorted(leaves) if routers and len(routers) == every and len(leaves) == 1 else routers
     return out
 
 
@@ -147,8 +152,8 @@ def _check_expert_export(plan: Plan, fmt: str) -> None:
     without dropout."""
     if fmt == "peft-bdlora":
         raise BDLoraConfigError(
-            "the adapter adapts MoE expert tensors; PEFT loads those through target_parameters as plain "
-            "LoRA only (its ParamWrapper refuses use_bdlora: 'Invalid or unsupported variant "
+            "the adapter adapts MoE expert tensors or routers; PEFT loads those through target_parameters "
+            "as plain LoRA only (its ParamWrapper refuses use_bdlora: 'Invalid or unsupported variant "
             "combination'). Save with format='peft-lora' (the same adapter, every block-diagonal factor "
             "expanded to the dense one it equals); bdlora's sharded checkpoints keep the blocks"
         )

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, replace
 from torch import nn
 
 from bdlora.config import BDLoraConfig, BDLoraConfigError, ModuleSettings
-from bdlora.experts import EXPERT_PARAMS, experts_modules, is_experts, is_transposed
+from bdlora.experts import EXPERT_PARAMS, experts_modules, is_experts, is_router, is_transposed
 from bdlora.layers import is_adaptable, is_conv1d
 from bdlora.roles import Role, role_of
 
@@ -219,6 +219,9 @@ def resolve_plan(model: nn.Module, config: BDLoraConfig) -> Plan:
             continue
         if not name or not config.is_target(name) or _is_adapter_part(name) or _in_experts(model, name):
             continue
+        if is_router(model, name, module):  # RouterLinear too: its weight is the router's
+            _router_plan(plan, name, module, config, targeted)
+            continue
         sizes = _linear_sizes(module)
         if sizes is None:
             if not any(True for _ in module.children()):
@@ -241,6 +244,23 @@ def resolve_plan(model: nn.Module, config: BDLoraConfig) -> Plan:
     if not tp_plan:
         plan.notes.append("the model config has no base_model_tp_plan: roles inferred from names")
     return plan
+
+
+def _router_plan(plan: Plan, name: str, module: nn.Module, config: BDLoraConfig, targeted: list[str]) -> None:
+    """A MoE router named in ``target_modules``: adapted like a column layer over its (E, H) weight."""
+    targeted.append(name)
+    key, settings = config.match(name)
+    if settings is None:
+        plan.excluded.append((name, f"pattern {key!r} -> None"))
+        return
+    if settings.dropout:
+        raise BDLoraConfigError(
+            f"router {name!r}: dropout {settings.dropout}; a router's adapter is folded into its weight "
+            f"for its own forward, which leaves no input to drop out: give it dropout 0 in patterns"
+        )
+    d_out, d_in = module.weight.shape
+    mp = _module_plan(name, module, (d_in, d_out), replace(settings, role=Role.COLUMN), config.nblocks, None)
+    plan.modules.append(replace(mp, role_source="router"))
 
 
 def _in_experts(model: nn.Module, name: str) -> bool:

@@ -133,3 +133,41 @@ def test_peft_bdlora_export_of_expert_adapters_is_refused_with_the_way_out(tmp_p
     with pytest.raises(BDLoraConfigError, match=r"use_bdlora.*format='peft-lora'"):
         bdlora.save_adapter(model, tmp_path / "a")
     assert not (tmp_path / "a").exists()
+
+
+@pytest.mark.parametrize(("arch", "router"), [("mixtral", "gate"), ("gpt_oss", "router")])
+def test_a_router_named_in_target_modules_is_adapted_and_peft_loads_it(tmp_path, arch, router):
+    """The router's own forward runs on W + delta; PEFT loads it as the target parameter
+    ``<router>.weight`` with the same logits, and so does bdlora."""
+    from peft import PeftModel
+
+    model = tiny(arch)
+    model.save_pretrained(tmp_path / "base")
+    config = bdlora.BDLoraConfig(rank=4, nblocks=2, target_modules=[router], target_parameters=EXPERTS)
+    model = bdlora.from_pretrained(tmp_path / "base", config)
+    plan = bdlora.model.adapters_of(model)["default"].plan
+    assert plan[f"model.layers.0.mlp.{router}"].role_source == "router"
+    random_b(model)
+    with torch.no_grad():
+        adapted = model(ids()).logits
+    bdlora.save_adapter(model, tmp_path / "adapter", format="peft-lora")
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    with torch.no_grad():
+        peft_logits = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()(ids()).logits
+        reloaded = bdlora.from_pretrained(tmp_path / "base", adapter_dir=tmp_path / "adapter")(ids()).logits
+        merged = merge_and_unload(model)(ids()).logits
+    for other, what in ((peft_logits, "PEFT"), (reloaded, "bdlora reload"), (merged, "merged")):
+        torch.testing.assert_close(other, adapted, atol=1e-5, rtol=1e-5, msg=lambda d, w=what: f"{w}: {d}")
+
+
+def test_a_router_adapter_is_refused_at_tp_above_1():
+    """Every rank holds the router whole, so its adapter's gradient would be a partial sum."""
+    from bdlora.experts import experts_modules
+    from bdlora.parallel.sharding import check_adapter_plan, check_model_tp
+    from bdlora.parallel.styles import BDLoraTP
+
+    model = tiny("mixtral")
+    plan = resolve_plan(model, bdlora.BDLoraConfig(nblocks=2, target_modules=["gate", "q_proj"]))
+    _, layouts = check_model_tp(model, 2)
+    with pytest.raises(BDLoraConfigError, match=r"mlp\.gate'.* not sharded by the TP plan"):
+        check_adapter_plan(plan, 2, BDLoraTP, layouts, dict(experts_modules(model)), 1)
