@@ -173,3 +173,14 @@ def test_the_run_plan_lists_the_expert_tensors_as_adapted(ep2):
     assert len(modules) == LAYERS * (len(ATTENTION) + len(EXPERT_TENSORS))
     assert plan["nblocks"] == 4
     assert f"adapter         {len(modules)} modules" in ep2.result.stdout
+
+
+@pytest.mark.slow
+def test_deepspeed_at_ep2_follows_the_native_run(ep2, tmp_path):
+    """DeepSpeed (ZeRO 1, its TP group bdlora's) trains the expert adapters as the native engine does:
+    every expert factor is marked TP-sharded, so its gradient norm sums over the TP group."""
+    ds = moe_run(tmp_path, "ds", *EP2, "parallel.engine=deepspeed", "deepspeed=zero1")
+    expected = train_losses(ep2)
+    assert train_losses(ds).keys() == expected.keys()
+    for step, loss in train_losses(ds).items():
+        assert abs(loss - expected[step]) < 1e-4, (step, loss, expected[step])
