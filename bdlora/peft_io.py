@@ -114,7 +114,7 @@ def peft_config_dict(model: nn.Module, adapter_name: str, fmt: str) -> dict[str,
         fan_in_fan_out=any(m.fan_in_fan_out and not m.experts for m in plan.modules),  # Conv1D
         target_parameters=_target_parameters(model, plan) or None,
     )
-    if fmt == "peft-bdlora":
+    if fmt == "peft-bdlora" and plan.global_nblocks > 1:  # one block: plain LoRA, as PEFT writes it
         _warn_conv1d_bdlora(plan, adapter_name)
         bd_a, bd_b = _bd_lists(plan)
         kwargs["use_bdlora"] = BdLoraConfig(

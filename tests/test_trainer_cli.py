@@ -58,9 +58,14 @@ def test_out_of_range_settings_name_the_key(key, value, message):
             dict(sequence_parallel=True, vocab_parallel=True, tp=4),
             "data.seq_len=126 is not divisible by parallel.tp=4; use a multiple of 4",
         ),
+        (dict(tp=4, ep=3), r"parallel.ep=3: .* must divide parallel.tp=4; valid: \[1, 2, 4\]"),
+        (
+            dict(tp=2, sharding="replicated", engine="deepspeed"),
+            "parallel.sharding=replicated with parallel.engine=deepspeed",
+        ),
     ],
 )
-def test_sequence_parallel_settings_are_checked_first(settings, message):
+def test_layout_settings_are_checked_first(settings, message):
     cfg = TrainConfig()
     cfg.data.seq_len = 126
     for key, value in settings.items():

@@ -267,10 +267,20 @@ def gather_parts(local: torch.Tensor, dim: int | None, tp: TPGroup) -> list[torc
 
 def average_(tensors: list[torch.Tensor], group: dist.ProcessGroup | None) -> None:
     """Average ``tensors`` in place over ``group`` in one flat all-reduce."""
+    _reduce_flat_(tensors, group, mean=True)
+
+
+def sum_(tensors: list[torch.Tensor], group: dist.ProcessGroup | None) -> None:
+    """Sum ``tensors`` in place over ``group`` in one flat all-reduce."""
+    _reduce_flat_(tensors, group, mean=False)
+
+
+def _reduce_flat_(tensors: list[torch.Tensor], group: dist.ProcessGroup | None, mean: bool) -> None:
     if group is None or dist.get_world_size(group) == 1 or not tensors:
         return
     flat = torch._utils._flatten_dense_tensors(tensors)
     dist.all_reduce(flat, group=group)
-    flat /= dist.get_world_size(group)
+    if mean:
+        flat /= dist.get_world_size(group)
     for tensor, synced in zip(tensors, torch._utils._unflatten_dense_tensors(flat, tensors)):
         tensor.copy_(synced)

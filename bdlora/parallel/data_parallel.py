@@ -9,23 +9,31 @@ micro-batch of a gradient-accumulation step.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from bdlora.parallel.comm import average_
+from bdlora.parallel.comm import average_, sum_
 
 _HOOKED = "_bdlora_dp_hooked"
 
 
 class GradientAverager:
-    """Averages trainable gradients over ``group`` once per backward pass."""
+    """Averages trainable gradients over ``group`` once per backward pass (``select``: which
+    parameters, all trainable ones by default; ``mean=False`` sums instead)."""
 
-    def __init__(self, model: nn.Module, group: dist.ProcessGroup) -> None:
-        self.group = group
+    def __init__(
+        self,
+        model: nn.Module,
+        group: dist.ProcessGroup,
+        select: Callable[[nn.Module], list[nn.Parameter]] | None = None,
+        mean: bool = True,
+    ) -> None:
+        self.group, self.mean = group, mean
+        self.select = select or (lambda m: [p for p in m.parameters() if p.requires_grad])
         self.sync = True
         self._params: list[nn.Parameter] = []
         self._queued = False
@@ -34,7 +42,7 @@ class GradientAverager:
     def _hook_trainable(self, model: nn.Module, args: tuple) -> None:
         if not torch.is_grad_enabled():
             return
-        self._params = [p for p in model.parameters() if p.requires_grad]
+        self._params = self.select(model)
         for p in self._params:
             if not getattr(p, _HOOKED, False):
                 p.register_post_accumulate_grad_hook(self._on_grad)
@@ -50,16 +58,17 @@ class GradientAverager:
         for p in self._params:  # every replica flattens the same tensors, in the same order
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        average_([p.grad for p in self._params], self.group)
+        (average_ if self.mean else sum_)([p.grad for p in self._params], self.group)
 
 
 @contextmanager
-def skip_grad_sync(averager: GradientAverager | None) -> Iterator[None]:
-    if averager is None:
-        yield
-        return
-    previous, averager.sync = averager.sync, False
+def skip_grad_sync(*averagers: GradientAverager | None) -> Iterator[None]:
+    live = [a for a in averagers if a is not None]
+    previous = [a.sync for a in live]
+    for a in live:
+        a.sync = False
     try:
         yield
     finally:
-        averager.sync = previous
+        for a, was in zip(live, previous):
+            a.sync = was

@@ -25,7 +25,14 @@ from bdlora.parallel.mesh import check_in, on_all_ranks
 from bdlora.parallel.placement import BlockBoundary, BlockSpec, format_blocks
 from bdlora.parallel.sequence import SequenceParallel, apply_sequence_parallel_, decoder_parts
 from bdlora.parallel.sharding import check_adapter_plan, check_model_tp, shard_tp_
-from bdlora.parallel.styles import BDLoraTP, LinearLayout, TPSharding, sharding_class
+from bdlora.parallel.styles import (
+    BDLoraTP,
+    LinearLayout,
+    ReplicatedTP,
+    TPSharding,
+    replicated_factors,
+    sharding_class,
+)
 from bdlora.parallel.vocab import VocabShard, check_vocab_parallel, shard_vocab_
 from bdlora.plan import Plan
 from bdlora.roles import check_tp_plan
@@ -54,6 +61,7 @@ class ParallelState:
     model: nn.Module | None = field(default=None, repr=False)
     activation_checkpointing: bool = False
     grads: GradientAverager | None = None
+    tp_grads: GradientAverager | None = None  # ``replicated``: its whole factors' partial gradients
     vocab: VocabShard | None = None
     sequence: SequenceParallel | None = None
 
@@ -164,6 +172,8 @@ def parallelize(
     if activation_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         parallel.activation_checkpointing = True
+    if cls is ReplicatedTP and tp.size > 1:  # one summed all-reduce per backward, skipped by no_sync
+        parallel.tp_grads = GradientAverager(model, tp.group, select=replicated_factors, mean=False)
     if dp_group is not None and data_parallel:
         parallel.grads = GradientAverager(model, dp_group)
     state_of(model, create=True).parallel = parallel
@@ -222,7 +232,7 @@ def no_sync(model: nn.Module) -> Iterator[None]:
     Issues no collective; a no-op on a model without data parallelism.
     """
     parallel = state_of(model).parallel
-    with skip_grad_sync(None if parallel is None else parallel.grads):
+    with skip_grad_sync(*(() if parallel is None else (parallel.grads, parallel.tp_grads))):
         yield
 
 

@@ -300,6 +300,53 @@ class SLoraTP(TPSharding):
         return out + once_in_sum(delta, self.tp).to(out.dtype)
 
 
+class ReplicatedTP(TPSharding):
+    """Dense LoRA with one factor replicated, as torchtitan's LoRA, PEFT's LoRA on a transformers TP
+    plan and vLLM's default LoRA place it: the forward adds no collective, but every rank computes
+    and stores the replicated factor whole, and its gradient is a partial sum that must be summed
+    over TP once per step (``parallelize`` installs that all-reduce).
+
+    ======  ==========================  ==========================  ==============================
+    role    A on rank i                 B on rank i                 local compute
+    ======  ==========================  ==========================  ==============================
+    column  ``(r, d_in)``, replicated   ``(d_out/t, r)``            ``W_i x + s B_i (A x)``
+    row     ``(r, d_in/t)``             ``(d_out, r)``, replicated  ``W_i x_i + s B (A_i x_i)``
+    ======  ==========================  ==========================  ==============================
+    """
+
+    name: ClassVar[str] = "replicated"
+    whole_blocks: ClassVar[bool] = False
+
+    @classmethod
+    def adapter_config(cls, config: BDLoraConfig) -> BDLoraConfig:
+        return replace(config, nblocks=1)  # dense LoRA
+
+    @classmethod
+    def check_layer(cls, name: str, layer: BDLoraLinear) -> None:
+        SLoraTP.check_layer(name, layer)
+
+    @classmethod
+    def factor_dims(cls, layout: LinearLayout) -> tuple[int | None, int | None]:
+        # column: A whole, B on d_out; row: A on d_in, B whole
+        return (None, 0) if layout.role is Role.COLUMN else (1, None)
+
+    def local_forward(self, layer: BDLoraLinear, x: torch.Tensor) -> torch.Tensor:
+        return layer.partial_forward(x)  # a row layer's B (A_i x_i) is a partial sum, as W_i x_i is
+
+
+def replicated_factors(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The trainable factors every TP rank holds whole but whose gradients are partial sums (the
+    ``replicated`` sharding's column A and row B), in the model's order."""
+    out = []
+    for module in model.modules():
+        style = getattr(module, "tp_style", None)
+        if isinstance(style, ReplicatedTP):
+            sharded_a, sharded_b = style.sharded_factors()
+            for store, sharded in ((module.lora_A, sharded_a), (module.lora_B, sharded_b)):
+                out += [p for p in store.values() if not sharded and p.requires_grad]
+    return out
+
+
 def keep_local_shards_(layer: BDLoraLinear, style) -> None:
     """Replace ``layer``'s base tensors and adapter factors by this rank's shards under ``style``
     (a ``TPSharding``, or an expert tensor's ``ExpertsTP``), which the layer then keeps."""
@@ -318,7 +365,7 @@ def keep_local_shards_(layer: BDLoraLinear, style) -> None:
     layer.tp_style = style
 
 
-SHARDINGS: dict[str, type[TPSharding]] = {cls.name: cls for cls in (BDLoraTP, SLoraTP)}
+SHARDINGS: dict[str, type[TPSharding]] = {cls.name: cls for cls in (BDLoraTP, SLoraTP, ReplicatedTP)}
 
 
 def sharding_class(name: str) -> type[TPSharding]:

@@ -113,7 +113,7 @@ class ParallelConfig:
     tp: int = 1
     ep: int = 1  # MoE experts: ep groups of the TP ranks hold E/ep experts each (ep divides tp)
     dp: int | None = None  # inferred: world_size / tp
-    sharding: Sharding = Sharding.bdlora  # or slora: the dense-LoRA baseline
+    sharding: Sharding = Sharding.bdlora  # or slora / replicated: the dense-LoRA baselines
     engine: Engine = Engine.native
     activation_checkpointing: bool = False
     vocab_parallel: bool = False  # embedding, LM head and loss sharded along the vocabulary
@@ -264,6 +264,12 @@ def check_layout(parallel: ParallelConfig, seq_len: int | None) -> None:
         raise TrainConfigError(
             f"parallel.ep={parallel.ep}: the expert-parallel ranks are the TP group's, so ep must divide "
             f"parallel.tp={parallel.tp}; valid: {valid}"
+        )
+    if parallel.sharding == "replicated" and parallel.engine == "deepspeed" and parallel.tp > 1:
+        raise TrainConfigError(
+            "parallel.sharding=replicated with parallel.engine=deepspeed: DeepSpeed reduces gradients "
+            "in its own backward hooks, before the replicated factors' gradients are summed over TP; "
+            "use parallel.engine=native, or parallel.sharding=bdlora / slora"
         )
     if parallel.tp_plan is not None:
         try:
