@@ -12,7 +12,7 @@ from torch import nn
 from bdlora.config import BDLoraConfig, BDLoraConfigError, ModuleSettings
 from bdlora.experts import EXPERT_PARAMS, experts_modules, is_experts, is_router, is_transposed
 from bdlora.layers import is_adaptable, is_conv1d
-from bdlora.roles import Role, role_of
+from bdlora.roles import Role, UnsupportedTPStyle, plan_regexes, planned_role, role_of
 
 
 @dataclass(frozen=True)
@@ -238,6 +238,7 @@ def resolve_plan(model: nn.Module, config: BDLoraConfig) -> Plan:
             continue
         plan.modules.append(_module_plan(name, module, sizes, settings, config.nblocks, tp_plan))
     _check_patterns_used(config, targeted, plan)
+    _warn_roles_against_plan(plan, tp_plan)
     _note_unadapted_experts(model, plan)
     if not plan.modules:
         raise BDLoraConfigError(_nothing_to_adapt(model, config, len(targeted), len(plan.excluded), tp_plan))
@@ -303,6 +304,40 @@ def _expert_shape(module: nn.Module, p_name: str) -> tuple[int, int, int]:
         return (tensor.num_experts, *tensor.global_shape)
     e, d1, d2 = tensor.shape
     return (e, d2, d1) if is_transposed(module) else (e, d1, d2)
+
+
+def _warn_roles_against_plan(plan: Plan, tp_plan) -> None:
+    """A role a pattern gives against the TP plan's: such an adapter cannot be BD-LoRA-sharded.
+
+    The usual cause is a PEFT ``use_bdlora`` config with its two lists swapped: PEFT's per-field
+    help text says the reverse of its class docstring (``target_modules_bd_a`` names the
+    row-parallel layers, whose A is block-diagonal; ``target_modules_bd_b`` the column-parallel ones).
+    """
+    if not tp_plan:
+        return
+    regexes = plan_regexes(tp_plan)
+    against = []
+    for m in plan.modules:
+        if m.settings.role is None or m.experts or m.role_source == "router":
+            continue
+        try:
+            planned = planned_role(m.name, regexes)
+        except UnsupportedTPStyle:  # refused where the model is sharded, with its own message
+            continue
+        if planned is not None and planned[0] is not m.role:
+            against.append((m.name, m.role.value, planned[1]))
+    if not against:
+        return
+    names = ", ".join(f"{n!r} ({role}; plan: {style})" for n, role, style in against[:4])
+    warnings.warn(
+        f"{len(against)} module(s) get a role against the model's TP plan: {names}. Adapted this way "
+        f"they cannot be BD-LoRA-sharded. From a PEFT use_bdlora config: target_modules_bd_a lists the "
+        f"row-parallel layers (o, down: block-diagonal A) and target_modules_bd_b the column-parallel "
+        f"ones (q, k, v, gate, up: block-diagonal B), as PEFT's class docstring says (its per-field "
+        f"help says the reverse); swap the two lists",
+        stacklevel=3,
+    )
+    plan.notes.append(f"{len(against)} module(s) with a role against the TP plan (a warning said which)")
 
 
 def _note_unadapted_experts(model: nn.Module, plan: Plan) -> None:

@@ -207,3 +207,28 @@ def test_a_failed_load_can_be_retried(saved_dir, tmp_path, input_ids):
 def test_unknown_save_format(tmp_path):
     with pytest.raises(ValueError, match="unknown format 'safetensors'"):
         save_adapter(adapted_model("tiny-llama"), tmp_path, format="safetensors")
+
+
+def test_a_peft_config_with_the_bd_lists_swapped_is_named():
+    """PEFT's per-field help puts o/down in target_modules_bd_b; the model's TP plan makes them row
+    layers (block-diagonal A): the plan says which modules, and how to fix the config."""
+    import warnings
+
+    from bdlora.plan import resolve_plan
+
+    def peft_config(bd_a: list[str], bd_b: list[str]) -> dict:
+        return {
+            "r": 8,
+            "lora_alpha": 16,
+            "target_modules": ["q_proj", "o_proj"],
+            "use_bdlora": {"target_modules_bd_a": bd_a, "target_modules_bd_b": bd_b, "nblocks": 2},
+        }
+
+    model = tiny_model("tiny-llama")
+    named = r"TP plan: 'model\.layers\.0\.self_attn\.q_proj' \(row; plan: colwise\).*swap the two lists"
+    with pytest.warns(UserWarning, match=named):
+        plan = resolve_plan(model, BDLoraConfig.from_peft(peft_config(["q_proj"], ["o_proj"])))
+    assert any("against the TP plan" in note for note in plan.notes)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        resolve_plan(model, BDLoraConfig.from_peft(peft_config(["o_proj"], ["q_proj"])))
