@@ -10,7 +10,16 @@ import sys
 from pathlib import Path
 
 from bdlora.config import BDLoraConfig, BDLoraConfigError
-from bdlora.memory import DTYPES, describe, memory_notes, memory_plans
+from bdlora.memory import (
+    DTYPES,
+    SHARDING_NAMES,
+    adapter_flops_per_token,
+    adapter_params_per_rank,
+    describe,
+    memory_notes,
+    memory_plans,
+    tp_grad_sum_params,
+)
 from bdlora.plan import Plan, resolve_plan
 from bdlora.presets import PRESETS, build_model
 from bdlora.train.checkpoint import CheckpointDamaged
@@ -87,7 +96,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
             f"--tp {args.tp}; valid: {valid}"
         )
     _check_memory_options(args)
-    plan = resolve_plan(model, config)
+    from bdlora.parallel.styles import sharding_class  # noqa: PLC0415
+
+    sharding = sharding_class(args.sharding or "bdlora")  # --sharding: --memory only
+    plan = resolve_plan(model, sharding.adapter_config(config))  # slora, replicated: dense (nblocks 1)
     blocks = None
     if args.tp > 1:
         from bdlora.experts import experts_modules  # noqa: PLC0415
@@ -95,10 +107,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
             check_adapter_plan,  # noqa: PLC0415
             check_model_tp,  # noqa: PLC0415
         )
-        from bdlora.parallel.styles import BDLoraTP  # noqa: PLC0415
 
-        blocks, layouts = check_model_tp(model, args.tp, BDLoraTP, args.ep)
-        check_adapter_plan(plan, args.tp, BDLoraTP, layouts, dict(experts_modules(model)), args.ep)
+        blocks, layouts = check_model_tp(model, args.tp, sharding, args.ep)
+        check_adapter_plan(plan, args.tp, sharding, layouts, dict(experts_modules(model)), args.ep)
     if args.memory:
         return _print_memory(args, model, plan)
     print(plan.format(tp=args.tp))
@@ -115,7 +126,7 @@ _MEMORY_DEFAULTS = {"seq_len": 4096, "micro_batch": 1, "dtype": "bfloat16"}
 def _check_memory_options(args: argparse.Namespace) -> None:
     """The --memory options: only with --memory, and a sequence that splits over --tp (the table's
     sequence-parallel column needs it)."""
-    given = [k for k in (*_MEMORY_DEFAULTS, "activation_checkpointing") if getattr(args, k)]
+    given = [k for k in (*_MEMORY_DEFAULTS, "activation_checkpointing", "sharding") if getattr(args, k)]
     if not args.memory:
         if given:
             options = ", ".join("--" + k.replace("_", "-") for k in given)
@@ -131,10 +142,12 @@ def _check_memory_options(args: argparse.Namespace) -> None:
 
 
 def _print_memory(args: argparse.Namespace, model, plan: Plan) -> int:
+    sharding = args.sharding or "bdlora"
     plans = memory_plans(
         model,
         plan,
         args.tp,
+        sharding=sharding,
         seq_len=args.seq_len,
         micro_batch=args.micro_batch,
         dtype=args.dtype,
@@ -143,12 +156,37 @@ def _print_memory(args: argparse.Namespace, model, plan: Plan) -> int:
     )
     print(
         f"{args.model}: {len(plan.modules)} adapted modules, "
-        f"{sum(m.params_per_rank(args.tp) for m in plan.modules):,} adapter params/rank"
+        f"{adapter_params_per_rank(plan, args.tp, sharding):,} adapter params/rank"
     )
+    print(_sharding_line(plan, args.tp, sharding, next(iter(plans.values())).dtype.itemsize))
     print(describe(plans))
-    for note in memory_notes(model, args.tp):
+    for note in memory_notes(model, args.tp, sharding):
         print(f"note: {note}")
     return 0
+
+
+def _sharding_line(plan: Plan, tp: int, sharding: str, itemsize: int) -> str:
+    """The adapter's unsharded size, its training FLOPs per token on a rank against the frozen
+    linears' it adapts, and the gradient sum over TP that the sharding adds to a step."""
+    from bdlora.memory import format_bytes  # noqa: PLC0415
+
+    kind = "BD-LoRA" if sharding == "bdlora" else "dense LoRA"
+    line = f"sharding {sharding}: {plan.params:,} adapter params unsharded ({kind})"
+    if not any(m.experts for m in plan.modules):
+        base, adapter = adapter_flops_per_token(plan, tp, sharding)
+        line += (
+            f"; training FLOPs per token and rank: adapter {adapter:,}, {100 * adapter / base:.2f}% of the "
+            f"adapted frozen linears' {base:,}"
+        )
+    summed = tp_grad_sum_params(plan, tp, sharding)
+    if summed:
+        line += (
+            f"; backward adds one all-reduce over TP of {summed:,} whole-factor gradients "
+            f"({format_bytes(summed * itemsize)} per step)"
+        )
+    elif tp > 1:
+        line += "; no gradient sum over TP"
+    return line
 
 
 def _positive_int(text: str) -> int:
@@ -234,6 +272,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     plan.add_argument(
         "--activation-checkpointing", action="store_true", help="checkpoint every decoder layer (--memory)"
+    )
+    plan.add_argument(
+        "--sharding",
+        choices=SHARDING_NAMES,
+        help="adapter sharding over TP (--memory; default bdlora): bdlora splits every factor; slora "
+        "and replicated train dense LoRA (nblocks 1), replicated with A of column and B of row layers "
+        "whole on every rank",
     )
     plan.add_argument(
         "overrides",

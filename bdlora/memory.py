@@ -5,6 +5,22 @@ gradients and AdamW state, and the activations one training forward leaves for b
 model built on the meta device and a resolved adapter plan. ``bdlora plan --memory`` prints it for
 three layouts side by side. docs/memory.md derives every term and says how it was measured.
 
+The adapter sharding (``parallelize(..., sharding=...)``) decides the adapter's share of a rank:
+
+==========  ===============================================  ======================================
+sharding    per rank, a module of rank r                     ``h = A x`` saved per module
+==========  ===============================================  ======================================
+bdlora      every factor split: ``params / t``               ``(B*T, r/t)``
+slora       dense LoRA; column: A on r, B on d_out;          ``(B*T, r)``, gathered or summed
+            row: A on d_in, B ``(d_out, r)`` whole
+replicated  dense LoRA; column: A ``(r, d_in)`` whole,       ``(B*T, r)``: A whole, or a row
+            B on d_out; row: A on d_in, B ``(d_out, r)``     layer's partial sum
+            whole
+==========  ===============================================  ======================================
+
+``replicated`` also sums its whole factors' gradients over TP once per step
+(``tp_grad_sum_params``); slora's whole row B gets its complete gradient on every rank.
+
 The activation terms follow what autograd saves in transformers' Llama-family decoder (Llama,
 Mistral, Qwen2) with a frozen base and BD-LoRA adapters on the seven projections:
 
@@ -75,7 +91,7 @@ from torch import nn
 
 from bdlora.config import BDLoraConfigError
 from bdlora.parallel.sequence import decoder_parts
-from bdlora.parallel.styles import LinearLayout
+from bdlora.parallel.styles import SHARDINGS, LinearLayout, ReplicatedTP, TPSharding, sharding_class
 from bdlora.parallel.vocab import check_vocab_parallel
 from bdlora.plan import ModulePlan, Plan, check_plan_tp
 from bdlora.roles import STYLE_ROLES, Role, plan_regexes, planned_role
@@ -96,6 +112,7 @@ _LAYER_INDEX = re.compile(r"(?:.*\.)?layers\.(\d+)\.")
 _SHARED_EXPERT = re.compile(r"(?:.*\.)?layers\.\d+\.mlp\.shared_experts?\.(gate_proj|up_proj|down_proj)")
 _SHARED_STYLES = {"gate_proj": "colwise", "up_proj": "colwise", "down_proj": "rowwise"}
 FP32 = torch.float32
+SHARDING_NAMES = tuple(SHARDINGS)  # bdlora, slora, replicated
 
 
 @dataclass(frozen=True)
@@ -155,6 +172,7 @@ class MemoryPlan:
     activations: tuple[Term, ...]
     ep: int = 1  # expert-parallel degree (MoE layers)
     moe_layers: int = 0  # decoder layers with routed experts
+    sharding: str = "bdlora"  # the adapter sharding (``SHARDING_NAMES``)
 
     def activation_bytes(self, part: str | None = None, kind: str | None = None) -> int:
         return sum(
@@ -208,6 +226,7 @@ class _Dims:
     layers: int
     ep: int = 1
     moe: tuple[_Moe | None, ...] = ()  # per layer: its routed experts, None for a dense MLP
+    adapter_split: int = 0  # the ways ``h = A x`` is split over ranks: t (BD-LoRA), 1 (dense); 0: t
 
 
 @dataclass(frozen=True)
@@ -245,6 +264,7 @@ def memory_plan(
     vocab_parallel: bool = False,
     sequence_parallel: bool = False,
     ep: int = 1,
+    sharding: str = "bdlora",
 ) -> MemoryPlan:
     """Bytes per TP rank of training ``plan``'s adapter on ``model`` at TP degree ``tp``.
 
@@ -259,16 +279,27 @@ def memory_plan(
     experts: each rank holds ``E/ep`` experts, each split ``tp/ep`` ways. Expert adapters (plan
     modules with ``experts`` > 0) hold ``params / tp`` per rank like any other. Tokens routed to a
     rank's experts are counted as ``top_k * B * T / ep``: uniform routing, an average, not a bound.
+
+    ``sharding``: ``bdlora``, or ``slora`` / ``replicated`` for dense LoRA at the plan's ranks (its
+    nblocks ignored, as ``parallelize`` trains them at nblocks 1), placed as the module docstring
+    says; the dense shardings take no expert adapters and no sequence parallelism.
     """
     dtype = resolve_dtype(dtype)
+    cls = _sharding(sharding)
+    plan = sharded_plan(plan, sharding)
     _check_options(tp, seq_len, micro_batch, vocab_parallel, sequence_parallel)
+    if sequence_parallel and tp > 1 and not cls.whole_blocks:
+        raise BDLoraConfigError(
+            f"sequence_parallel=True supports sharding='bdlora', not {sharding!r} (as bdlora.parallelize)"
+        )
     experts = _experts_of(model)
     _check_ep(ep, tp, experts)
-    check_plan_tp(plan, tp)
+    check_plan_tp(plan, tp, whole_blocks=cls.whole_blocks)
     layout = Layout(vocab_parallel and tp > 1, sequence_parallel and tp > 1)
     dims = _dims(model, tp, ep, micro_batch, seq_len, layout.sequence_parallel, experts)
+    dims = replace(dims, adapter_split=tp if cls.whole_blocks else 1)
     attention = getattr(model.config, "_attn_implementation", None) or "eager"
-    adapter_params = sum(m.params_per_rank(tp) for m in plan.modules)
+    adapter_params = adapter_params_per_rank(plan, tp, sharding)
     adapter_tensors = 2 * len(plan.modules)  # A and B of each module
     activations = _decoder_terms(dims, plan, dtype, attention, activation_checkpointing)
     activations += _logits_terms(dims, dtype, layout.vocab_parallel)
@@ -288,12 +319,92 @@ def memory_plan(
         activations=tuple(_merged(activations)),
         ep=ep,
         moe_layers=sum(m is not None for m in dims.moe),
+        sharding=sharding,
     )
 
 
-def memory_plans(model: nn.Module, plan: Plan, tp: int, **options) -> dict[str, MemoryPlan]:
-    """``memory_plan`` for each layout of ``LAYOUTS`` that ``parallelize`` accepts for ``model``, by
-    its column title (``memory_notes`` says why a layout is left out)."""
+# -- the adapter under each sharding --------------------------------------------------------------
+def _sharding(name: str) -> type[TPSharding]:
+    try:
+        return sharding_class(name)
+    except ValueError as err:
+        raise BDLoraConfigError(str(err)) from None
+
+
+def sharded_plan(plan: Plan, sharding: str = "bdlora") -> Plan:
+    """``plan`` as ``parallelize`` trains it under ``sharding``: the dense shardings at nblocks 1
+    (expert adapters refused: only BD-LoRA's sharding places them)."""
+    cls = _sharding(sharding)
+    if cls.whole_blocks:
+        return plan
+    for m in plan.modules:
+        if m.experts:
+            raise BDLoraConfigError(
+                f"expert tensor {m.name!r} is adapted, but sharding={sharding!r} places adapters on "
+                f"linear layers only; use sharding='bdlora', or drop target_parameters"
+            )
+    dense = [replace(m, global_nblocks=1) for m in plan.modules]
+    return replace(plan, global_nblocks=1, modules=dense)
+
+
+def _factor_params(m: ModulePlan, tp: int, sharding: str) -> tuple[int, int, bool, bool]:
+    """This rank's elements of ``m``'s dense A and B, and whether each is whole on every rank."""
+    a, b = m.copies * m.rank * m.d_in, m.copies * m.d_out * m.rank
+    dim_a, dim_b = _sharding(sharding).factor_dims(LinearLayout(m.role))
+    whole_a, whole_b = dim_a is None or tp == 1, dim_b is None or tp == 1
+    return (a if whole_a else a // tp), (b if whole_b else b // tp), whole_a, whole_b
+
+
+def module_params_per_rank(m: ModulePlan, tp: int, sharding: str = "bdlora") -> int:
+    """This rank's adapter elements of ``m`` under ``sharding``: BD-LoRA splits every factor
+    (``params / t``); slora and replicated hold dense LoRA, each factor split or whole as the
+    sharding's ``factor_dims`` places it (a whole factor costs every rank all of its elements)."""
+    if _sharding(sharding).whole_blocks:
+        return m.params_per_rank(tp)
+    a, b, _, _ = _factor_params(m, tp, sharding)
+    return a + b
+
+
+def adapter_params_per_rank(plan: Plan, tp: int, sharding: str = "bdlora") -> int:
+    """This rank's adapter elements (the largest rank's: every sharding splits evenly). Each element
+    also runs on every token this rank computes, so ``6 x`` this is the adapter's training FLOPs per
+    token and rank (``adapter_flops_per_token``)."""
+    plan = sharded_plan(plan, sharding)
+    return sum(module_params_per_rank(m, tp, sharding) for m in plan.modules)
+
+
+def tp_grad_sum_params(plan: Plan, tp: int, sharding: str = "bdlora") -> int:
+    """Elements whose gradients are summed over TP once per step: ``replicated``'s whole factors
+    (column A, row B), whose per-rank gradients are partial sums (one flat all-reduce per backward);
+    nothing under bdlora or slora (slora's whole row B gets its complete gradient on every rank)."""
+    if tp == 1 or _sharding(sharding) is not ReplicatedTP:
+        return 0
+    total = 0
+    for m in sharded_plan(plan, sharding).modules:
+        a, b, whole_a, whole_b = _factor_params(m, tp, sharding)
+        total += (a if whole_a else 0) + (b if whole_b else 0)
+    return total
+
+
+def adapter_flops_per_token(plan: Plan, tp: int, sharding: str = "bdlora") -> tuple[int, int]:
+    """Per token of a training step, on one rank: (the adapted modules' frozen linears, the adapter)
+    FLOPs. A frozen linear computes its output and input gradient (4 FLOPs per weight element it
+    holds, ``d_in d_out / t``); an adapter factor also its weight gradient (6 per element it holds).
+    Dense modules only: expert tensors see only their routed tokens."""
+    plan = sharded_plan(plan, sharding)
+    if any(m.experts for m in plan.modules):
+        raise BDLoraConfigError(
+            "adapter_flops_per_token counts dense modules; the plan adapts expert tensors"
+        )
+    base = sum(m.d_in * m.d_out for m in plan.modules) // tp
+    return 4 * base, 6 * adapter_params_per_rank(plan, tp, sharding)
+
+
+def memory_plans(
+    model: nn.Module, plan: Plan, tp: int, sharding: str = "bdlora", **options
+) -> dict[str, MemoryPlan]:
+    """``memory_plan`` for each layout of ``LAYOUTS`` that ``parallelize`` accepts for ``model`` and
+    ``sharding``, by its column title (``memory_notes`` says why a layout is left out)."""
     return {
         title: memory_plan(
             model,
@@ -301,15 +412,18 @@ def memory_plans(model: nn.Module, plan: Plan, tp: int, **options) -> dict[str, 
             tp,
             vocab_parallel=layout.vocab_parallel,
             sequence_parallel=layout.sequence_parallel,
+            sharding=sharding,
             **options,
         )
         for title, layout in LAYOUTS.items()
-        if _refusal(model, layout) is None
+        if _refusal(model, layout, sharding) is None
     }
 
 
-def _refusal(model: nn.Module, layout: Layout) -> str | None:
-    """Why ``parallelize`` refuses ``layout`` for ``model`` (None: it accepts it)."""
+def _refusal(model: nn.Module, layout: Layout, sharding: str = "bdlora") -> str | None:
+    """Why ``parallelize`` refuses ``layout`` for ``model`` and ``sharding`` (None: it accepts it)."""
+    if layout.sequence_parallel and not _sharding(sharding).whole_blocks:
+        return f"sequence parallelism supports sharding='bdlora', not {sharding!r}"
     try:
         if layout.vocab_parallel:
             check_vocab_parallel(model)
@@ -327,10 +441,12 @@ def _gathers(style: str) -> bool:
     return layout.whole_io and layout.role is Role.COLUMN
 
 
-def memory_notes(model: nn.Module, tp: int) -> list[str]:
+def memory_notes(model: nn.Module, tp: int, sharding: str = "bdlora") -> list[str]:
     """What the memory table leaves out for ``model``: refused layouts, gathered outputs."""
     notes = [
-        f"{title}: left out, {why}" for title, layout in LAYOUTS.items() if (why := _refusal(model, layout))
+        f"{title}: left out, {why}"
+        for title, layout in LAYOUTS.items()
+        if (why := _refusal(model, layout, sharding))
     ]
     tp_plan = getattr(model.config, "base_model_tp_plan", None) or {}
     gathered = sorted(k for k, style in tp_plan.items() if tp > 1 and _gathers(style))
@@ -746,7 +862,7 @@ def _adapter_terms(
     ``h = A x`` ``(tokens, r/split)`` (default ``(B*T, r/t)``). With dropout each module saves its own
     dropped input, and the mask when the input requires grad (bool as CUDA's fused dropout keeps it)."""
     tokens = d.batch * d.seq if tokens is None else tokens
-    split = d.tp if split is None else split
+    split = (d.adapter_split or d.tp) if split is None else split
     terms = []
     if any(m.settings.dropout == 0 for m in modules) and not x.saved_elsewhere:
         terms.append(Term("layers", f"{x.label} input (adapter A)", x.shape, dtype))
@@ -868,7 +984,7 @@ def describe(plans: dict[str, MemoryPlan]) -> str:
     lines = [
         f"per-rank training memory at {parallel}: micro-batch {p.micro_batch} x seq {p.seq_len}, "
         f"{str(p.dtype).removeprefix('torch.')} parameters and compute, {p.attention} attention, "
-        f"activation checkpointing {checkpointing}, AdamW",
+        f"activation checkpointing {checkpointing}, AdamW, {p.sharding} adapter sharding",
         format_memory_table(plans),
         f"of logits+loss, saved for backward: {per_column('logits', 'saved')} "
         f"(the rest lives only while the loss is computed)",

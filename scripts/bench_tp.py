@@ -1,22 +1,32 @@
-"""Communication and step time of base, BD-LoRA and S-LoRA under tensor parallelism, in one run.
+"""Communication, step time, per-rank adapter memory and FLOPs of base, BD-LoRA, S-LoRA and
+replicated LoRA under tensor parallelism, in one run.
 
-Every rank builds the same Llama (from a ``LlamaConfig``) three times and shards each over the TP
-group: ``base`` (no adapter), ``bdlora`` (nblocks = T, rank R) and ``slora`` (dense LoRA, rank R,
-S-LoRA sharding). In every mode the embedding weight requires grad, so backward runs through every
-block's input and the three backward graphs issue the same base collectives (as tests/test_comm.py).
+Every rank builds the same Llama (from a ``LlamaConfig``) four times and shards each over the TP
+group: ``base`` (no adapter), ``bdlora`` (nblocks = T, rank R), ``slora`` (dense LoRA, rank R,
+S-LoRA sharding) and ``replicated`` (dense LoRA, rank R, ``sharding="replicated"``: column layers
+hold A whole and B's rows, row layers A's columns and B whole; the whole factors' gradients are
+summed over TP in one all-reduce per backward pass). Every adapter has rank R: S-LoRA and
+replicated are the same dense LoRA (equal parameter counts), and BD-LoRA at rank R has fewer
+parameters (its column B and row A are block-diagonal, 1/N of dense; the script prints both
+counts). In every mode the embedding weight requires grad, so backward runs through every block's
+input and the four backward graphs issue the same base collectives (as tests/test_comm.py).
 
 1. One training step per mode under ``CommCounter``: TP collectives, their bytes and the per-rank
-   ring wire bytes, forward and forward+backward; S-LoRA's measured extra against
-   ``slora_extra_bytes``. Counts are gathered from all ranks and must agree.
-2. Step time (forward + backward + AdamW over the adapter; the base mode runs forward + backward):
-   the three modes interleave within each repetition, in an order that rotates, after a barrier;
-   a step's time is the slowest rank's, and the table reports the median.
+   ring wire bytes, forward and backward apart; S-LoRA's measured extra against
+   ``slora_extra_bytes`` and replicated's against the bytes of its whole factors (one summed
+   all-reduce in backward). Counts are gathered from all ranks and must agree.
+2. Per rank: adapter parameters, their AdamW state and gradients (bytes of the tensors held), and
+   adapter FLOPs per token of a training step (each factor a rank holds runs on every token:
+   replicated's whole factors cost every rank their full FLOPs).
+3. Step time (forward + backward + AdamW over the adapter; the base mode runs forward + backward):
+   the modes interleave within each repetition, in an order that rotates, after a barrier; a
+   step's time is the slowest rank's, and the table reports the median and quartiles.
 
 ``--layout vocab`` shards the embedding, LM head and loss along the vocabulary in every mode;
-``--layout sequence`` adds sequence parallelism (base and BD-LoRA only: S-LoRA's row layers need
-the whole sequence's rank-r partial sums, so bdlora refuses that combination).
+``--layout sequence`` adds sequence parallelism (base and BD-LoRA only: the dense shardings' row
+layers need the whole sequence's rank-r partial sums, so bdlora refuses that combination).
 
-    torchrun --nproc-per-node 2 scripts/bench_tp.py               # defaults: < 2 min on 2 cores
+    torchrun --nproc-per-node 2 scripts/bench_tp.py               # defaults: about 1 min on 2 cores
     torchrun --nproc-per-node 4 scripts/bench_tp.py --rank 32
     python scripts/bench_tp.py --tp 2                             # launches torchrun itself
     python scripts/bench_tp.py --tp 4 --layout sequence
@@ -47,18 +57,28 @@ from bdlora.model import adapters_of, bdlora_layers
 from bdlora.parallel import ParallelDims, build_mesh, init_distributed, parallelize
 from bdlora.parallel.accounting import CommCounter, slora_extra_bytes
 from bdlora.parallel.mesh import tp_of_mesh
+from bdlora.parallel.styles import replicated_factors
 from bdlora.presets import llama_config
 
-MODES = ("base", "bdlora", "slora")
-LABELS = {"base": "base", "bdlora": "BD-LoRA", "slora": "S-LoRA"}
+MODES = ("base", "bdlora", "slora", "replicated")
+LABELS = {"base": "base", "bdlora": "BD-LoRA", "slora": "S-LoRA", "replicated": "replicated"}
 MiB = 2**20
 COLUMNS = (
     "mode",
-    "TP collectives/step",
-    "TP bytes/step",
-    "wire bytes/rank",
+    "TP collectives fwd + bwd",
+    "TP bytes fwd + bwd",
+    "wire bytes/rank fwd + bwd",
     "added vs base",
-    "median step ms",
+    "step ms: median (q1-q3)",
+)
+MEMORY_COLUMNS = (
+    "mode",
+    "adapter params: total / per rank",
+    "adapter MiB/rank",
+    "AdamW state MiB/rank",
+    "grads MiB/rank",
+    "adapter FLOPs/token/rank",
+    "/ frozen linears'",
 )
 
 
@@ -138,14 +158,21 @@ def print0(*args, **kwargs) -> None:
         print(*args, **kwargs, flush=True)
 
 
+def sharding_of_mode(mode: str) -> str:
+    """The ``parallelize`` sharding a mode runs under (base: no adapter, BD-LoRA's layout)."""
+    return mode if mode in ("slora", "replicated") else "bdlora"
+
+
 def build_model(args: BenchArgs, mode: str, mesh: DeviceMesh) -> nn.Module:
-    """A seeded Llama (equal base weights in every mode) on ``mesh``, with ``mode``'s adapter."""
+    """A seeded Llama (equal base weights in every mode) on ``mesh``, with ``mode``'s adapter.
+
+    Every adapter has rank R; ``parallelize`` makes the slora and replicated ones dense (nblocks 1)."""
     config = llama_config(
         args.hidden, args.intermediate, args.layers, args.heads, args.vocab, max(args.seq, 128)
     )
     torch.manual_seed(args.seed)
     model = LlamaForCausalLM(config).train()
-    parallelize(model, mesh, sharding="slora" if mode == "slora" else "bdlora", **args.parallel_options)
+    parallelize(model, mesh, sharding=sharding_of_mode(mode), **args.parallel_options)
     if mode != "base":
         apply_bdlora(model, BDLoraConfig(rank=args.rank, alpha=2 * args.rank, nblocks=mesh.size()))
     model.requires_grad_(False)  # the base is frozen in every mode (apply_bdlora freezes it too) ...
@@ -161,8 +188,10 @@ def adapter_factors(model: nn.Module) -> list[nn.Parameter]:
     return [p for _, layer in bdlora_layers(model) for p in (*layer.lora_A.values(), *layer.lora_B.values())]
 
 
-def make_step(model: nn.Module, tokens: torch.Tensor) -> Callable[[], None]:
-    """forward + backward (+ AdamW over the adapter factors, when there are any)."""
+def make_train_step(
+    model: nn.Module, tokens: torch.Tensor
+) -> tuple[Callable[[], None], torch.optim.Optimizer | None]:
+    """forward + backward (+ AdamW over the adapter factors, when there are any), and the optimizer."""
     factors = adapter_factors(model)
     optimizer = torch.optim.AdamW(factors, lr=1e-4) if factors else None
 
@@ -172,18 +201,54 @@ def make_step(model: nn.Module, tokens: torch.Tensor) -> Callable[[], None]:
             optimizer.step()
         model.zero_grad(set_to_none=True)  # adapter and embedding grads alike
 
-    return step
+    return step, optimizer
+
+
+def make_step(model: nn.Module, tokens: torch.Tensor) -> Callable[[], None]:
+    """forward + backward (+ AdamW over the adapter factors, when there are any)."""
+    return make_train_step(model, tokens)[0]
+
+
+EMPTY = {"count": 0, "bytes": 0, "wire_bytes": 0.0, "ops": {}}
+
+
+def minus(total: dict, part: dict) -> dict:
+    """One ``CommCounter`` summary less an earlier one of the same counter (backward = total - forward)."""
+    ops = {op: n - part["ops"].get(op, 0) for op, n in total["ops"].items()}
+    return {
+        "count": total["count"] - part["count"],
+        "bytes": total["bytes"] - part["bytes"],
+        "wire_bytes": total["wire_bytes"] - part["wire_bytes"],
+        "ops": {op: n for op, n in ops.items() if n},
+    }
 
 
 def count_step(model: nn.Module, tokens: torch.Tensor, group: dist.ProcessGroup) -> dict:
-    """TP-group collectives of one forward and one forward+backward."""
-    empty = {"count": 0, "bytes": 0, "wire_bytes": 0.0, "ops": {}}
+    """TP-group collectives of one forward, its backward and both; this rank's adapter gradient bytes."""
     with CommCounter({"tp": group}) as comm:
         loss = model(input_ids=tokens, labels=tokens).loss
-        forward = comm.summary().get("tp", empty)
+        forward = comm.summary().get("tp", EMPTY)
         loss.backward()
+    total = comm.summary().get("tp", EMPTY)
+    grads = storage_bytes(p.grad for p in adapter_factors(model) if p.grad is not None)
     model.zero_grad(set_to_none=True)
-    return {"forward": forward, "total": comm.summary().get("tp", empty)}
+    return {"forward": forward, "backward": minus(total, forward), "total": total, "grad_bytes": grads}
+
+
+def storage_bytes(tensors) -> int:
+    """Bytes of the distinct storages behind ``tensors``."""
+    return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
+
+
+def adapter_state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, int]:
+    """This rank's adapter parameters (elements and bytes) and AdamW state bytes (after a step)."""
+    factors = adapter_factors(model)
+    moments = [] if optimizer is None else [v for s in optimizer.state.values() for v in s.values()]
+    return {
+        "params": sum(p.numel() for p in factors),
+        "bytes": storage_bytes(factors),
+        "optimizer": storage_bytes(v for v in moments if isinstance(v, torch.Tensor)),
+    }
 
 
 def time_interleaved(steps: dict[str, Callable[[], None]], args: BenchArgs) -> dict[str, list[float]]:
@@ -217,45 +282,80 @@ def fmt_mib(n: float) -> str:
     return f"{n / MiB:.3f} MiB"
 
 
-def print_table(comm: dict, medians: dict[str, float], modes: tuple[str, ...]) -> None:
-    """One row per mode; counts, bytes and wire bytes as forward / forward+backward of one step."""
+def quartiles(values: list[float]) -> tuple[float, float, float]:
+    """(q1, median, q3); one value gives itself three times."""
+    if len(values) < 2:
+        return (values[0],) * 3
+    q1, q2, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q1, q2, q3
+
+
+def fmt_ops(summary: dict) -> str:
+    return ", ".join(f"{op} {n}" for op, n in sorted(summary["ops"].items())) or "none"
+
+
+def print_table(comm: dict, times: dict[str, list[float]], modes: tuple[str, ...]) -> None:
+    """One row per mode; counts, bytes and wire bytes as forward + backward of one step."""
     base = comm["base"]["total"]
     print0("| " + " | ".join(COLUMNS) + " |")
     print0("|" + "---|" * len(COLUMNS))
     for mode in modes:
-        fwd, tot = comm[mode]["forward"], comm[mode]["total"]
-        ops = ", ".join(f"{op} {n}" for op, n in sorted(tot["ops"].items()))
+        fwd, bwd, tot = (comm[mode][k] for k in ("forward", "backward", "total"))
         added = f"+{tot['count'] - base['count']} coll, +{fmt_mib(tot['bytes'] - base['bytes'])}"
+        q1, q2, q3 = (1e3 * q for q in quartiles(times[mode]))
         print0(
-            f"| {LABELS[mode]} | {fwd['count']} fwd / {tot['count']} total ({ops}) "
-            f"| {fmt_mib(fwd['bytes'])} / {fmt_mib(tot['bytes'])} "
-            f"| {fmt_mib(fwd['wire_bytes'])} / {fmt_mib(tot['wire_bytes'])} "
-            f"| {added} | {1e3 * medians[mode]:.2f} |"
+            f"| {LABELS[mode]} | {fwd['count']} ({fmt_ops(fwd)}) + {bwd['count']} ({fmt_ops(bwd)}) "
+            f"| {fmt_mib(fwd['bytes'])} + {fmt_mib(bwd['bytes'])} "
+            f"| {fmt_mib(fwd['wire_bytes'])} + {fmt_mib(bwd['wire_bytes'])} "
+            f"| {added} | {q2:.1f} ({q1:.1f}-{q3:.1f}) |"
         )
-    print0("(collectives, bytes and wire bytes: forward / forward+backward of one step)")
+    print0(
+        "(collectives, bytes and wire bytes: forward + backward of one step; step ms over the slowest rank)"
+    )
 
 
-def print_slora_check(comm: dict, predicted: dict, tokens: int, tp: int) -> None:
-    """S-LoRA's measured traffic over the base's against ``slora_extra_bytes``."""
-    slora, base = comm["slora"], comm["base"]
-    measured = {
-        "count": slora["total"]["count"] - base["total"]["count"],
-        "bytes": slora["total"]["bytes"] - base["total"]["bytes"],
-        "wire_bytes": slora["total"]["wire_bytes"] - base["total"]["wire_bytes"],
-        "forward_wire_bytes": slora["forward"]["wire_bytes"] - base["forward"]["wire_bytes"],
-    }
-    print0(f"S-LoRA extra over base vs slora_extra_bytes(plan, tokens={tokens}, tp={tp}):")
+def print_extra_check(measured: dict, predicted: dict) -> None:
     for key, value in measured.items():
         want = predicted[key]
         verdict = "match" if abs(value - want) <= 1e-6 * max(abs(want), 1) else "MISMATCH"
         print0(f"  {key:<19} predicted {want:>14,.1f}   measured {value:>14,.1f}   {verdict}")
 
 
+def extra_over_base(comm: dict, mode: str) -> dict[str, float]:
+    run, base = comm[mode], comm["base"]
+    return {
+        "count": run["total"]["count"] - base["total"]["count"],
+        "bytes": run["total"]["bytes"] - base["total"]["bytes"],
+        "wire_bytes": run["total"]["wire_bytes"] - base["total"]["wire_bytes"],
+        "forward_wire_bytes": run["forward"]["wire_bytes"] - base["forward"]["wire_bytes"],
+    }
+
+
+def print_slora_check(comm: dict, predicted: dict, tokens: int, tp: int) -> None:
+    """S-LoRA's measured traffic over the base's against ``slora_extra_bytes``."""
+    print0(f"S-LoRA extra over base vs slora_extra_bytes(plan, tokens={tokens}, tp={tp}):")
+    print_extra_check(extra_over_base(comm, "slora"), predicted)
+
+
+def replicated_extra_bytes(model: nn.Module, tp: int) -> dict[str, float]:
+    """What ``replicated`` adds to the base: one all-reduce, in backward, of its whole factors'
+    gradients (column A, row B), flattened; nothing in forward. Independent of the tokens."""
+    size = sum(p.numel() * p.element_size() for p in replicated_factors(model))
+    return {"count": 1, "bytes": size, "wire_bytes": 2 * (tp - 1) / tp * size, "forward_wire_bytes": 0.0}
+
+
+def print_replicated_check(comm: dict, predicted: dict, tp: int) -> None:
+    print0(f"replicated extra over base vs one all-reduce of its whole factors' gradients (tp={tp}):")
+    print_extra_check(extra_over_base(comm, "replicated"), predicted)
+
+
 def linear_flops(model: nn.Module) -> tuple[float, float]:
     """Per token, this rank: (frozen linears, adapter) FLOPs of a training step.
 
     A frozen linear computes its output and its input gradient (2 GEMMs: 4 FLOPs per weight
-    element); an adapter factor also its weight gradient (3 GEMMs: 6 FLOPs per element).
+    element); an adapter factor also its weight gradient (3 GEMMs: 6 FLOPs per element). Every
+    factor a rank holds runs on every token, so the count follows the elements it holds: a whole
+    (replicated) factor costs every rank all of its FLOPs.
     """
     base = adapter = 0.0
     for _, layer in bdlora_layers(model):
@@ -264,18 +364,46 @@ def linear_flops(model: nn.Module) -> tuple[float, float]:
     return base, adapter
 
 
-def print_ratios(times: dict[str, list[float]], medians: dict[str, float], flop_share: float) -> None:
-    for other in (m for m in ("base", "slora") if m in times):
-        paired = statistics.median(a / b for a, b in zip(times["bdlora"], times[other]))
-        label = f"step time BD-LoRA / {LABELS[other]}:"
+def print_memory(state: dict, totals: dict, flops: dict, modes: tuple[str, ...]) -> None:
+    """Per rank (the largest over ranks): adapter, AdamW state, gradients and adapter FLOPs."""
+    print0("| " + " | ".join(MEMORY_COLUMNS) + " |")
+    print0("|" + "---|" * len(MEMORY_COLUMNS))
+    for mode in modes:
+        base_flops, adapter_flops = flops[mode]
+        s = state[mode]
         print0(
-            f"{label:<28} {medians['bdlora'] / medians[other]:.3f}   (median of paired ratios {paired:.3f})"
+            f"| {LABELS[mode]} | {totals[mode]:,} / {s['params']:,} | {s['bytes'] / MiB:.3f} "
+            f"| {s['optimizer'] / MiB:.3f} | {s['grad_bytes'] / MiB:.3f} "
+            f"| {adapter_flops:,.0f} | {100 * adapter_flops / base_flops:.2f}% |"
         )
-    overhead = medians["bdlora"] / medians["base"] - 1
     print0(
-        f"adapter FLOPs: {100 * flop_share:.2f}% on top of the frozen linears'; its step-time overhead "
-        f"{100 * overhead:.1f}% is {overhead / flop_share:.1f}x its FLOP share"
+        "(per rank, the largest over ranks; grads after one backward; AdamW state after the timed "
+        "steps: exp_avg, exp_avg_sq and a step count per factor; FLOPs per token of a training step)"
     )
+
+
+def paired(times: dict[str, list[float]], a: str, b: str) -> tuple[float, float, float]:
+    return quartiles([x / y for x, y in zip(times[a], times[b])])
+
+
+def print_ratios(times: dict[str, list[float]], flops: dict, modes: tuple[str, ...]) -> None:
+    medians = {mode: statistics.median(times[mode]) for mode in modes}
+    pairs = [("bdlora", "base"), *(("bdlora", m) for m in ("slora", "replicated") if m in modes)]
+    pairs += [(m, "base") for m in ("slora", "replicated") if m in modes]
+    for a, b in pairs:
+        q1, q2, q3 = paired(times, a, b)
+        label = f"step time {LABELS[a]} / {LABELS[b]}:"
+        print0(
+            f"{label:<31} {medians[a] / medians[b]:.3f}   "
+            f"(paired ratios: median {q2:.3f}, quartiles {q1:.3f}-{q3:.3f})"
+        )
+    for mode in (m for m in modes if m != "base"):
+        base_flops, adapter_flops = flops[mode]
+        share, overhead = adapter_flops / base_flops, medians[mode] / medians["base"] - 1
+        print0(
+            f"{LABELS[mode]} adapter FLOPs: {100 * share:.2f}% on top of the frozen linears'; its "
+            f"step-time overhead {100 * overhead:.1f}% is {overhead / share:.1f}x its FLOP share"
+        )
 
 
 def run(args: BenchArgs) -> None:
@@ -289,31 +417,40 @@ def run(args: BenchArgs) -> None:
     print0(
         f"torch {torch.__version__}, gloo, CPU, {world} ranks x 1 thread, fp32; llama hidden={args.hidden} "
         f"intermediate={args.intermediate} layers={args.layers} heads={args.heads} vocab={args.vocab}; "
-        f"batch={args.batch} seq={args.seq}; rank={args.rank} alpha={2 * args.rank} nblocks={world}; "
-        f"steps={args.steps} warmup={args.warmup}; layout={args.layout}"
+        f"batch={args.batch} seq={args.seq}; rank={args.rank} alpha={2 * args.rank} (every adapter) "
+        f"nblocks={world} (BD-LoRA; S-LoRA and replicated: dense); steps={args.steps} "
+        f"warmup={args.warmup}; layout={args.layout}"
     )
     modes = args.modes
     models = {mode: build_model(args, mode, mesh) for mode in modes}
     generator = torch.Generator().manual_seed(args.seed + 1)
     tokens = torch.randint(args.vocab, (args.batch, args.seq), generator=generator)  # (B, T), every rank
     comm = {mode: count_step(models[mode], tokens, tp.group) for mode in modes}
-    all_comm = gather(comm)
+    all_comm = gather({m: {k: c[k] for k in ("forward", "backward", "total")} for m, c in comm.items()})
     if any(c != all_comm[0] for c in all_comm):
         raise RuntimeError(f"ranks counted different collectives: {all_comm}")
-    params = {mode: sum(p.numel() for p in adapter_factors(models[mode])) for mode in modes if mode != "base"}
+    totals = {mode: adapters_of(models[mode])["default"].plan.params for mode in modes if mode != "base"}
     print0(
-        f"collective counts identical on all {world} ranks; adapter params on rank 0: "
-        + ", ".join(f"{LABELS[m]} {n:,}" for m, n in params.items())
+        f"collective counts identical on all {world} ranks; adapter params (unsharded, rank R={args.rank}): "
+        + ", ".join(f"{LABELS[m]} {n:,}" for m, n in totals.items())
     )
-    steps = {mode: make_step(models[mode], tokens) for mode in modes}
-    slowest = time_slowest(steps, args)
-    medians = {mode: statistics.median(slowest[mode]) for mode in modes}
-    print_table(comm, medians, modes)
+    built = {mode: make_train_step(models[mode], tokens) for mode in modes}
+    slowest = time_slowest({mode: step for mode, (step, _) in built.items()}, args)
+    print_table(comm, slowest, modes)
     if "slora" in modes:
         extra = slora_extra_bytes(adapters_of(models["slora"])["default"].plan, args.batch * args.seq, world)
         print_slora_check(comm, extra, args.batch * args.seq, world)
-    base_flops, adapter_flops = linear_flops(models["bdlora"])
-    print_ratios(slowest, medians, adapter_flops / base_flops)
+    if "replicated" in modes:
+        print_replicated_check(comm, replicated_extra_bytes(models["replicated"], world), world)
+    adapters = tuple(m for m in modes if m != "base")
+    local = {
+        m: {**adapter_state(models[m], built[m][1]), "grad_bytes": comm[m]["grad_bytes"]} for m in adapters
+    }
+    per_rank = gather(local)
+    state = {m: {k: max(r[m][k] for r in per_rank) for k in local[m]} for m in adapters}
+    flops = {m: linear_flops(models[m]) for m in modes}  # equal on every rank (even splits)
+    print_memory(state, totals, flops, adapters)
+    print_ratios(slowest, flops, modes)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -170,3 +171,74 @@ def test_bench_moe_tiny_prints_three_variants_and_a_finite_overhead():
     overhead = re.search(r"overhead experts over base: (\S+)% = (\S+)x its FLOP share", printed)
     assert overhead is not None
     assert all(math.isfinite(float(v)) for v in overhead.groups())
+
+
+@pytest.mark.slow
+def test_bench_tp_tiny_compares_replicated_with_bdlora_and_slora():
+    """scripts/bench_tp.py at TP 2 on a 1-layer Llama of tiny-llama's sizes (hidden 64, intermediate
+    128, 4 heads), rank 8: replicated adds to the base one backward all-reduce of its whole factors
+    and holds, per rank, what the whole BD-LoRA adapter holds (nblocks = TP)."""
+    import re
+
+    tiny = dict(hidden=64, intermediate=128, layers=1, heads=4, vocab=256, seq=16, batch=2, rank=8)
+    tiny.update(steps=2, warmup=0)
+    cmd = [
+        sys.executable,
+        str(SCRIPTS / "bench_tp.py"),
+        "--tp",
+        "2",
+        *(f"--{k}={v}" for k, v in tiny.items()),
+    ]
+    printed = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=120).stdout
+    assert printed.startswith("$ python ")
+    rows = {  # the communication table's
+        line.split(" | ")[0].removeprefix("| "): line for line in printed.splitlines() if " coll, " in line
+    }
+    # one layer: the attention's and the MLP's g forward, their f backward (the embedding requires grad)
+    assert "| 2 (all_reduce 2) + 2 (all_reduce 2) |" in rows["base"]
+    assert "| 2 (all_reduce 2) + 3 (all_reduce 3) |" in rows["replicated"]  # + the gradient sum
+    assert "| +1 coll, +0.014 MiB |" in rows["replicated"]  # 3,584 fp32 gradients: 14,336 B
+    assert "+0 coll, +0.000 MiB" in rows["BD-LoRA"]
+    checks = [line for line in printed.splitlines() if "predicted" in line]
+    assert len(checks) == 8 and all(line.endswith("match") for line in checks), checks
+    # per rank, by hand (tests/test_memory_plan.py's tiny-llama count, one layer): replicated 6,144
+    # (column A whole, B's rows; row A's columns, B whole), S-LoRA 4,864 (row B whole), BD-LoRA 3,072
+    for label, total, per_rank in (
+        ("BD-LoRA", 6_144, 3_072),
+        ("S-LoRA", 8_704, 4_864),
+        ("replicated", 8_704, 6_144),
+    ):
+        memory = next(r for r in printed.splitlines() if r.startswith(f"| {label} | {total:,} / "))
+        cells = memory.split(" | ")
+        assert cells[1] == f"{total:,} / {per_rank:,}", memory
+        assert float(cells[2]) == pytest.approx(FP32 * per_rank / 2**20, abs=1e-3)  # adapter MiB
+        assert float(cells[4]) == pytest.approx(FP32 * per_rank / 2**20, abs=1e-3)  # grads MiB
+        assert cells[5] == f"{6 * per_rank:,}", memory  # training FLOPs per token: 6 per element held
+    for ratio in ("BD-LoRA / replicated", "replicated / base", "BD-LoRA / S-LoRA"):
+        line = next(r for r in printed.splitlines() if r.startswith(f"step time {ratio}:"))
+        found = re.fullmatch(r".*: +(\S+) +\(paired ratios: median (\S+), quartiles (\S+)-(\S+)\)", line)
+        assert found is not None and all(math.isfinite(float(v)) for v in found.groups()), line
+
+
+@pytest.mark.slow
+def test_peft_tp_records_a_loss_comparison_or_the_error_with_versions(tmp_path):
+    """scripts/peft_tp.py: PEFT LoRA on transformers' TP beside bdlora (about 20 s). PEFT's or
+    transformers' failure is its finding (exit 0, the error and the versions in the JSON)."""
+    out = tmp_path / "peft_tp.json"
+    cmd = [sys.executable, str(SCRIPTS / "peft_tp.py"), "--steps", "2", "--warmup", "1", "--out", str(out)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, f"{result.stdout}\n{result.stderr}"
+    found = json.loads(out.read_text())
+    assert {"torch", "transformers", "peft"} <= found["versions"].keys()
+    assert set(found["cases"]) == {"all", "qkv"}
+    for case in found["cases"].values():
+        ours, theirs = case["bdlora"], case["peft_tp"]
+        assert ours["loss_equal"] and ours["grads_equal"] and ours["step_ms"] > 0
+        assert ours["comm"]["total"]["count"] > 0
+        if theirs["ok"]:  # a comparison: the loss, against the one-process PEFT model
+            assert abs(theirs["loss"] - case["reference_loss"]) == pytest.approx(theirs["loss_diff"])
+            assert theirs["comm"]["total"]["count"] > 0
+        else:  # a recorded failure: where, what, and the frames it came from
+            error = theirs["error"]
+            assert error["type"] and error["message"] and error["frames"] and error["stage"]
+            assert error["message"] in result.stdout

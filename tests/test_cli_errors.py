@@ -89,11 +89,11 @@ def test_trainer_names_the_file_and_line_of_a_broken_experiment(tmp_path, conten
     [
         (
             ["parallel.sharding=foo"],
-            "parallel.sharding=foo: Invalid value 'foo', expected one of [bdlora, slora]",
+            "parallel.sharding=foo: Invalid value 'foo', expected one of [bdlora, slora, replicated]",
         ),
         (
             ["-m", "parallel.sharding=bdlora,foo"],  # a multirun refuses before its first job
-            "parallel.sharding=foo: Invalid value 'foo', expected one of [bdlora, slora]",
+            "parallel.sharding=foo: Invalid value 'foo', expected one of [bdlora, slora, replicated]",
         ),
         (["optim.lrr=1"], "unknown config key 'optim.lrr': valid keys under 'optim': lr, weight_decay,"),
         (

@@ -381,3 +381,150 @@ def test_plan_matches_every_rank_of_a_sharded_step():
                     got.grads,
                     got.optimizer,
                 ), where
+
+
+# -- the adapter sharding (``sharding=``, ``bdlora plan --memory --sharding``) ------------------------
+def tiny_llama_factors(tp: int) -> dict[str, int]:
+    """Dense LoRA rank 8 on tiny-llama (hidden 64, intermediate 128, 2 layers), counted by hand per
+    rank: column layers q, k, v (64 -> 64), gate, up (64 -> 128); row layers o (64 -> 64), down
+    (128 -> 64). ``replicated``: column A (r, d_in) whole, B (d_out/t, r); row A (r, d_in/t), B
+    (d_out, r) whole. ``slora``: column A (r/t, d_in), B (d_out/t, r); row as replicated."""
+    r, layers = 8, 2
+    column, row = [(64, 64)] * 3 + [(64, 128)] * 2, [(64, 64), (128, 64)]  # (d_in, d_out)
+    whole = layers * (sum(r * d_in for d_in, _ in column) + sum(d_out * r for _, d_out in row))
+    row_a = layers * sum(r * d_in // tp for d_in, _ in row)
+    column_b = layers * sum(d_out // tp * r for _, d_out in column)
+    column_a_split = layers * sum(r // tp * d_in for d_in, _ in column)
+    row_b = layers * sum(d_out * r for _, d_out in row)
+    return {
+        "replicated": whole + row_a + column_b,
+        "replicated whole": whole,
+        "slora": column_a_split + column_b + row_a + row_b,
+    }
+
+
+def test_dense_shardings_hold_their_factors_per_rank_by_a_hand_count():
+    from bdlora.memory import adapter_params_per_rank, tp_grad_sum_params
+
+    model = build_model("tiny-llama", device="meta")
+    plan = resolve_plan(model, BDLoraConfig(nblocks=2))  # rank 8; slora and replicated make it dense
+    hand = tiny_llama_factors(2)
+    assert (hand["replicated"], hand["replicated whole"], hand["slora"]) == (12_288, 7_168, 9_728)
+    options = dict(seq_len=64, micro_batch=1, dtype="float32")
+    tensors = 2 * 7 * 2  # A and B of 7 modules in 2 layers, one fp32 step count each
+    for sharding in ("slora", "replicated"):
+        assert adapter_params_per_rank(plan, 2, sharding) == hand[sharding]
+        p = memory_plan(model, plan, 2, sharding=sharding, **options)
+        assert p.adapter == p.grads == 4 * hand[sharding]
+        assert p.optimizer == 2 * 4 * hand[sharding] + 4 * tensors
+    assert tp_grad_sum_params(plan, 2, "replicated") == hand["replicated whole"]
+    assert tp_grad_sum_params(plan, 2, "slora") == tp_grad_sum_params(plan, 2, "bdlora") == 0
+    assert adapter_params_per_rank(plan, 2) == plan.params // 2  # bdlora: everything split
+    # every dense rank holds the whole rank-8 h = A x, a BD-LoRA rank its r/t columns
+    bd, dense = (
+        {t.name: t for t in memory_plan(model, plan, 2, sharding=s, **options).activations}
+        for s in ("bdlora", "replicated")
+    )
+    assert bd["q_proj adapter h = A x"].shape == (64, 4) and dense["q_proj adapter h = A x"].shape == (64, 8)
+
+
+def test_replicated_holds_per_rank_what_bdlora_holds_in_all(llama_8b):
+    """At nblocks = t, a replicated rank holds (and so computes) the whole BD-LoRA adapter of the
+    same rank: t times a BD-LoRA rank's share."""
+    from bdlora.memory import adapter_flops_per_token, adapter_params_per_rank
+
+    plan = resolve_plan(llama_8b, BDLoraConfig(rank=16, nblocks=8))
+    replicated = adapter_params_per_rank(plan, 8, "replicated")
+    assert replicated == plan.params == 8 * adapter_params_per_rank(plan, 8)
+    base, adapter = adapter_flops_per_token(plan, 8, "replicated")
+    assert (
+        adapter == 6 * replicated
+        and base == 4 * 32 * (2 * 4096 * 4096 + 2 * 1024 * 4096 + 3 * 14336 * 4096) // 8
+    )
+
+
+def test_dense_shardings_refuse_sequence_parallelism_and_expert_adapters():
+    model = meta_model(small_llama())
+    plan = resolve_plan(model, BDLoraConfig())
+    options = dict(seq_len=64, micro_batch=1, dtype="float32", vocab_parallel=True)
+    with pytest.raises(BDLoraConfigError, match="sequence_parallel=True supports sharding='bdlora'"):
+        memory_plan(model, plan, 2, sequence_parallel=True, sharding="replicated", **options)
+    assert list(
+        memory_plans(model, plan, 2, sharding="slora", seq_len=64, micro_batch=1, dtype="float32")
+    ) == [
+        "replicated",
+        "+ vocab parallel",
+    ]
+    with pytest.raises(BDLoraConfigError, match="unknown sharding 'dense'"):
+        memory_plan(model, plan, 2, sharding="dense", **options)
+
+
+def test_cli_memory_sharding_prints_the_style_and_its_gradient_sum(capsys):
+    argv = ["plan", "--model", "tiny-llama", "--tp", "2", "--memory", "--seq-len", "64", "--dtype", "float32"]
+    hand = tiny_llama_factors(2)
+    for sharding, per_rank in (
+        ("bdlora", 6_144),
+        ("slora", hand["slora"]),
+        ("replicated", hand["replicated"]),
+    ):
+        assert cli_main([*argv, "--sharding", sharding]) == 0
+        out = capsys.readouterr().out
+        assert out.startswith(f"tiny-llama: 14 adapted modules, {per_rank:,} adapter params/rank\n"), out
+        assert f"AdamW, {sharding} adapter sharding" in out
+        assert re.search(rf"^adapter +{per_rank * 4 / 1024:.2f} KiB ", out, re.M), out
+    assert "backward adds one all-reduce over TP of 7,168 whole-factor gradients (28.00 KiB per step)" in out
+    assert "+ vocab + sequence parallel: left out, sequence parallelism supports sharding='bdlora'" in out
+    assert cli_main([*argv]) == 0  # the default is bdlora
+    assert "AdamW, bdlora adapter sharding" in capsys.readouterr().out
+    assert cli_main(["plan", "--model", "tiny-llama", "--sharding", "replicated"]) == 2
+    assert "--sharding: these options plan memory; add --memory" in capsys.readouterr().err
+
+
+DENSE_SHARDINGS = ("slora", "replicated")
+DENSE_LAYOUTS = ("replicated", "+ vocab parallel")  # the dense shardings refuse sequence parallelism
+DENSE_SEQ = 32
+
+
+def measure_dense_shardings() -> dict[str, list[tuple[int, Measured]]]:
+    """On this rank of 2: tiny-llama under each dense sharding and layout, its adapter's local
+    elements and one measured training step."""
+    from bdlora.presets import build_model as build
+
+    mesh = build_mesh(ParallelDims(dist.get_world_size(), tp=2))
+    out = {}
+    for sharding in DENSE_SHARDINGS:
+        out[sharding] = []
+        for title in DENSE_LAYOUTS:
+            model = build("tiny-llama").train()
+            parallelize(model, mesh, sharding=sharding, vocab_parallel=LAYOUTS[title].vocab_parallel)
+            apply_bdlora(model, BDLoraConfig(nblocks=2))  # dense (nblocks 1) under these shardings
+            local = sum(p.numel() for p in adapter_parameters(model))
+            out[sharding].append((local, measure_step(model, 256, DENSE_SEQ)))
+    return out
+
+
+@pytest.mark.slow
+def test_dense_shardings_plan_matches_every_rank_of_a_sharded_step():
+    from bdlora.memory import adapter_params_per_rank
+
+    results = run_distributed(measure_dense_shardings, 2)
+    model = build_model("tiny-llama", device="meta")
+    plan = resolve_plan(model, BDLoraConfig(nblocks=2))
+    for sharding in DENSE_SHARDINGS:
+        for i, title in enumerate(DENSE_LAYOUTS):
+            planned = memory_plan(
+                model, plan, 2, seq_len=DENSE_SEQ, micro_batch=2, dtype="float32", sharding=sharding,
+                vocab_parallel=LAYOUTS[title].vocab_parallel,
+            )  # fmt: skip
+            for rank, by_sharding in enumerate(results):
+                local, got = by_sharding[sharding][i]
+                where = f"{sharding} {title} rank {rank}"
+                assert local == adapter_params_per_rank(plan, 2, sharding) == tiny_llama_factors(2)[sharding]
+                assert (planned.base_weights, planned.adapter, planned.grads, planned.optimizer) == (
+                    got.base_weights,
+                    got.adapter,
+                    got.grads,
+                    got.optimizer,
+                ), where
+                # to the byte: a BD-LoRA-sized h (r/t columns) would be 14,336 B, 3.3%, short
+                assert planned.saved_activations == got.activations, where
