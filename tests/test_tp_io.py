@@ -81,11 +81,13 @@ class CountingFile:
 
 
 def load_sharded(model_dir: str, adapter_dir: str | None, tp: int, **layout) -> dict:
-    from bdlora.parallel import loading
+    from bdlora.parallel import conversion  # every checkpoint read goes through its index
 
     requested: dict[str, int] = {}
-    real_open = loading.safe_open
-    loading.safe_open = lambda path, framework: CountingFile(real_open(path, framework=framework), requested)
+    real_open = conversion.safe_open
+    conversion.safe_open = lambda path, framework: CountingFile(
+        real_open(path, framework=framework), requested
+    )
     model = from_pretrained(model_dir, adapter_dir=adapter_dir, mesh=mesh_for(tp), **layout).eval()
     with torch.no_grad():
         return {"logits": model(input_ids=IDS % model.config.vocab_size).logits, "requested": requested}
