@@ -57,13 +57,12 @@ import os
 import shlex
 import statistics
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
 from bench_tp import adapter_factors, launch, launch_command
-from benchlib import gather, time_interleaved
+from benchlib import gather, make_train_step, time_interleaved
 from rank_main import run_rank
 from torch import nn
 from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
@@ -224,20 +223,6 @@ def build_model(args: BenchArgs, variant: str, mesh) -> nn.Module:
         factor.requires_grad_(True)
     model.get_input_embeddings().weight.requires_grad_(True)  # backward reaches every block
     return model
-
-
-def make_step(model: nn.Module, tokens: torch.Tensor) -> Callable[[], None]:
-    """forward + backward (+ AdamW over the adapter factors) + zero_grad."""
-    factors = adapter_factors(model)
-    optimizer = torch.optim.AdamW(factors, lr=1e-4) if factors else None
-
-    def step() -> None:
-        model(input_ids=tokens, labels=tokens).loss.backward()
-        if optimizer is not None:
-            optimizer.step()
-        model.zero_grad(set_to_none=True)
-
-    return step
 
 
 # -- FLOPs ---------------------------------------------------------------------------------------------
@@ -419,7 +404,7 @@ def run(args: BenchArgs) -> None:
         all_comm = gather(comm)
         if any(c != all_comm[0] for c in all_comm):
             raise RuntimeError(f"ranks counted different collectives: {all_comm}")
-    steps = {v: make_step(models[v], tokens) for v in variants}
+    steps = {v: make_train_step(models[v], tokens)[0] for v in variants}
     barrier = dist.barrier if mesh is not None else None
     times = time_interleaved(steps, args.warmup, args.steps, barrier)
     if mesh is not None:  # each step's time on the slowest rank

@@ -258,10 +258,10 @@ def _check_packed(m: ModulePlan, layout: LinearLayout | None, tp: int, nblocks: 
         )
 
 
-class SLoraTP(TPSharding):
-    """The S-LoRA baseline: dense LoRA whose factor shards need the ``(tokens, r)`` collectives."""
+class DenseLoraTP(TPSharding):
+    """The dense-LoRA baselines' common ground: one block (nblocks forced to 1), which an adapter
+    added before sharding must already have."""
 
-    name: ClassVar[str] = "slora"
     whole_blocks: ClassVar[bool] = False
 
     @classmethod
@@ -272,9 +272,15 @@ class SLoraTP(TPSharding):
     def check_layer(cls, name: str, layer: BDLoraLinear) -> None:
         if any(n > 1 for n in layer.local_nblocks.values()):
             raise BDLoraConfigError(
-                f"module {name!r} holds block-diagonal adapters (nblocks > 1); sharding='slora' trains "
-                f"dense LoRA: add the adapter with nblocks=1, or after parallelize"
+                f"module {name!r} holds block-diagonal adapters (nblocks > 1); sharding={cls.name!r} "
+                f"trains dense LoRA: add the adapter with nblocks=1, or after parallelize"
             )
+
+
+class SLoraTP(DenseLoraTP):
+    """The S-LoRA baseline: dense LoRA whose factor shards need the ``(tokens, r)`` collectives."""
+
+    name: ClassVar[str] = "slora"
 
     @classmethod
     def factor_dims(cls, layout: LinearLayout) -> tuple[int | None, int | None]:
@@ -300,7 +306,7 @@ class SLoraTP(TPSharding):
         return out + once_in_sum(delta, self.tp).to(out.dtype)
 
 
-class ReplicatedTP(TPSharding):
+class ReplicatedTP(DenseLoraTP):
     """Dense LoRA with one factor replicated, as torchtitan's LoRA, PEFT's LoRA on a transformers TP
     plan and vLLM's default LoRA place it: the forward adds no collective, but every rank computes
     and stores the replicated factor whole, and its gradient is a partial sum that must be summed
@@ -315,15 +321,6 @@ class ReplicatedTP(TPSharding):
     """
 
     name: ClassVar[str] = "replicated"
-    whole_blocks: ClassVar[bool] = False
-
-    @classmethod
-    def adapter_config(cls, config: BDLoraConfig) -> BDLoraConfig:
-        return replace(config, nblocks=1)  # dense LoRA
-
-    @classmethod
-    def check_layer(cls, name: str, layer: BDLoraLinear) -> None:
-        SLoraTP.check_layer(name, layer)
 
     @classmethod
     def factor_dims(cls, layout: LinearLayout) -> tuple[int | None, int | None]:
