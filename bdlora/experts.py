@@ -65,6 +65,30 @@ def is_transposed(experts: nn.Module) -> bool:
     return gate_up.shape[2] != down.shape[1]
 
 
+def expert_shape(experts: nn.Module, p_name: str) -> tuple[int, int, int]:
+    """(E, d_out, d_in) of expert tensor ``p_name``, unsharded, whether ``experts`` is transformers'
+    module (gpt-oss storing it transposed) or bdlora's (possibly sharded) wrapper."""
+    tensor = getattr(experts, p_name)
+    if isinstance(tensor, ExpertLinear):
+        return (tensor.num_experts, *tensor.global_shape)
+    e, d1, d2 = tensor.shape
+    return (e, d2, d1) if is_transposed(experts) else (e, d1, d2)
+
+
+def dense_expert_factors(
+    a: torch.Tensor, b: torch.Tensor, role: Role | str, nblocks: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-expert factors with the block-diagonal one expanded: plain LoRA, per expert.
+
+    Returns A ``(E, r, d_in)`` and B ``(E, d_out, r)``; ``nblocks == 1`` returns them unchanged.
+    """
+    if nblocks == 1:
+        return a, b
+    if Role(role) is Role.COLUMN:
+        return a, torch.stack([expand_block_diag(b_e, nblocks) for b_e in b])  # (E, d_out, r)
+    return torch.stack([expand_block_diag(a_e, nblocks) for a_e in a]), b  # (E, r, d_in)
+
+
 def gate_layout(experts: nn.Module) -> str | None:
     """How gate and up share ``gate_up``'s output: ``chunk`` (halves), ``interleaved`` (even/odd
     columns), or None when bdlora cannot tell (the module then trains at TP 1 only)."""
@@ -119,22 +143,24 @@ class ExpertLinear(BDLoraLinear):
         for e in range(a.shape[0]):  # each expert as one linear layer: the same fan-ins
             init_factors(a[e], b[e], init, base_std, d_in)
 
-    def expert_factors(self) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
-        """The live adapter's (A_e, B_e) per local expert, or None. Split once per forward: indexing
-        the factors per expert would give each expert a backward that writes a whole-tensor gradient."""
+    def expert_factors(self) -> tuple[str, list[tuple[torch.Tensor, torch.Tensor]]] | None:
+        """The live adapter's name and its (A_e, B_e) per local expert, or None. Split once per
+        forward: indexing the factors per expert would give each expert a backward that writes a
+        whole-tensor gradient."""
         name = self.live_adapter()
         if name is None:
             return None
-        return list(zip(self.lora_A[name].unbind(0), self.lora_B[name].unbind(0)))
+        return name, list(zip(self.lora_A[name].unbind(0), self.lora_B[name].unbind(0)))
 
-    def expert_forward(self, x: torch.Tensor, e: int, factors: list | None) -> torch.Tensor:
+    def expert_forward(self, x: torch.Tensor, e: int, factors: tuple | None) -> torch.Tensor:
         """Local expert ``e`` on its routed tokens: x (n, d_in_local) -> (n, d_out_local), bias included
         (a row layer's bias from one rank of the expert's TP group, see ``adds_bias``); ``factors``:
         ``expert_factors()``."""
         out = F.linear(x, self.weight[e])  # (n, d_out_local)
         if factors is not None:
-            a, b = factors[e]
-            out = out + self.factor_delta(x, a, b, self.live_adapter()).to(out.dtype)
+            name, per_expert = factors
+            a, b = per_expert[e]
+            out = out + self.factor_delta(x, a, b, name).to(out.dtype)
         bias = self.base_layer.bias
         if bias is not None and self.adds_bias():
             out = out + bias[e]
@@ -153,11 +179,8 @@ class ExpertLinear(BDLoraLinear):
 
     def delta_weight(self, name: str) -> torch.Tensor:
         """``scale * B_e A_e`` for every local expert, dense, fp32: (E_local, d_out_local, d_in_local)."""
-        a, b, nblocks = self.lora_A[name].float(), self.lora_B[name].float(), self.local_nblocks[name]
-        if self.role is Role.COLUMN:
-            b = torch.stack([expand_block_diag(b_e, nblocks) for b_e in b])  # (E, d_out, r)
-        else:
-            a = torch.stack([expand_block_diag(a_e, nblocks) for a_e in a])  # (E, r, d_in)
+        a, b = self.lora_A[name].float(), self.lora_B[name].float()
+        a, b = dense_expert_factors(a, b, self.role, self.local_nblocks[name])  # (E, r, d_in), (E, d_out, r)
         return torch.bmm(b, a) * self.scaling[name]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -90,6 +90,7 @@ import torch
 from torch import nn
 
 from bdlora.config import BDLoraConfigError
+from bdlora.experts import expert_shape, experts_modules
 from bdlora.parallel.sequence import decoder_parts
 from bdlora.parallel.styles import SHARDINGS, LinearLayout, ReplicatedTP, TPSharding, sharding_class
 from bdlora.parallel.vocab import check_vocab_parallel
@@ -292,7 +293,7 @@ def memory_plan(
         raise BDLoraConfigError(
             f"sequence_parallel=True supports sharding='bdlora', not {sharding!r} (as bdlora.parallelize)"
         )
-    experts = _experts_of(model)
+    experts = dict(experts_modules(model))
     _check_ep(ep, tp, experts)
     check_plan_tp(plan, tp, whole_blocks=cls.whole_blocks)
     layout = Layout(vocab_parallel and tp > 1, sequence_parallel and tp > 1)
@@ -478,20 +479,6 @@ def _check_options(tp: int, seq_len: int, micro_batch: int, vocab: bool, sequenc
         )
 
 
-def _experts_of(model: nn.Module) -> dict[str, nn.Module]:
-    """transformers' fused MoE experts, by name: modules holding a 3-D ``gate_up_proj`` and a 3-D
-    ``down_proj`` parameter."""
-    return {
-        name: module
-        for name, module in model.named_modules()
-        if all(isinstance(p, nn.Parameter) and p.dim() == 3 for p in _expert_tensors(module))
-    }
-
-
-def _expert_tensors(module: nn.Module) -> list:
-    return [module._parameters.get(n) for n in ("gate_up_proj", "down_proj")]
-
-
 def _check_ep(ep: int, tp: int, experts: dict[str, nn.Module]) -> None:
     """``ep`` divides ``tp`` and every experts module's expert count."""
     if not isinstance(ep, int) or ep < 1:
@@ -529,18 +516,11 @@ def _moe_of(block: nn.Module, experts: nn.Module, config) -> _Moe:
     return _Moe(
         experts.gate_up_proj.shape[0],
         top_k,
-        _expert_inter(experts),
+        expert_shape(experts, "down_proj")[2],
         shared_inter,
         shared_gate,
         activation_saves=4 if clamped_swiglu else 1,
     )
-
-
-def _expert_inter(experts: nn.Module) -> int:
-    """One expert's intermediate size ``I``, from ``(E, 2I, H)`` and ``(E, H, I)`` or gpt-oss's
-    transposed ``(E, H, 2I)`` and ``(E, I, H)`` (the two never both fit: that would need ``H = 2H``)."""
-    (_, a, _), (_, c, d) = experts.gate_up_proj.shape, experts.down_proj.shape
-    return d if a == 2 * d else c
 
 
 def _check_expert_split(inter: int, tp: int, ep: int, where: str) -> None:
@@ -628,7 +608,7 @@ def base_weight_bytes(
             f"{type(model).__name__} has no base_model_tp_plan in its config: cannot tell how TP shards it"
         )
     regexes = plan_regexes(tp_plan)
-    experts = _experts_of(model)
+    experts = dict(experts_modules(model))
     vocab_ids = {id(m.weight) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m}
     numel = 0
     for name, param in model.named_parameters():  # a tied weight is listed once
@@ -655,7 +635,7 @@ def _expert_shard(param: nn.Parameter, name: str, kind: str, experts: nn.Module,
     ways (gate_up and its bias by output rows, down by input columns; down's bias whole)."""
     if tp == 1:
         return param.numel()
-    _check_expert_split(_expert_inter(experts), tp, ep, name)
+    _check_expert_split(expert_shape(experts, "down_proj")[2], tp, ep, name)
     if kind in ("gate_up_proj", "down_proj", "gate_up_proj_bias"):
         return param.numel() // tp
     if kind == "down_proj_bias":

@@ -70,24 +70,10 @@ from collections.abc import Sequence
 
 import torch
 
-from bdlora.layers import expand_block_diag
+from bdlora.experts import dense_expert_factors
 from bdlora.roles import Role
 
 PEFT_PREFIX = "base_model.model."
-
-
-def dense_expert_factors(
-    a: torch.Tensor, b: torch.Tensor, role: Role | str, nblocks: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """bdlora's per-expert factors with the block-diagonal one expanded: plain LoRA, per expert.
-
-    Returns A ``(E, r, d_in)`` and B ``(E, d_out, r)``; ``nblocks == 1`` returns them unchanged.
-    """
-    if nblocks == 1:
-        return a, b
-    if Role(role) is Role.COLUMN:
-        return a, torch.stack([expand_block_diag(b_e, nblocks) for b_e in b])  # (E, d_out, r)
-    return torch.stack([expand_block_diag(a_e, nblocks) for a_e in a]), b  # (E, r, d_in)
 
 
 def _swaps(transposed: bool, peft_transposed: bool | None) -> bool:

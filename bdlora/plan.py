@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, replace
 from torch import nn
 
 from bdlora.config import BDLoraConfig, BDLoraConfigError, ModuleSettings
-from bdlora.experts import EXPERT_PARAMS, experts_modules, is_experts, is_router, is_transposed
+from bdlora.experts import EXPERT_PARAMS, expert_shape, experts_modules, is_experts, is_router, is_transposed
 from bdlora.layers import is_adaptable, is_conv1d
 from bdlora.roles import Role, UnsupportedTPStyle, plan_regexes, planned_role, role_of
 
@@ -288,22 +288,13 @@ def _expert_plans(
                 f"patterns[{settings.pattern!r}] gives expert tensor {full!r} the {settings.role.value} "
                 f"role; its role is fixed: {role.value} (gate_up_proj column, down_proj row). Drop 'role'"
             )
-        num_experts, d_out, d_in = _expert_shape(module, p_name)
+        num_experts, d_out, d_in = expert_shape(module, p_name)
         mp = _module_plan(full, module, (d_in, d_out), replace(settings, role=role), config.nblocks, None)
         plan.modules.append(
             replace(
                 mp, role_source="expert tensor", experts=num_experts, fan_in_fan_out=is_transposed(module)
             )
         )
-
-
-def _expert_shape(module: nn.Module, p_name: str) -> tuple[int, int, int]:
-    """(E, d_out, d_in) of one expert tensor, unsharded (gpt-oss stores it transposed)."""
-    tensor = getattr(module, p_name)
-    if isinstance(tensor, nn.Module):  # bdlora's ExpertLinear, possibly sharded
-        return (tensor.num_experts, *tensor.global_shape)
-    e, d1, d2 = tensor.shape
-    return (e, d2, d1) if is_transposed(module) else (e, d1, d2)
 
 
 def _warn_roles_against_plan(plan: Plan, tp_plan) -> None:

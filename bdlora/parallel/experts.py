@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 
 from bdlora.config import BDLoraConfigError
-from bdlora.experts import BDLoraExperts, gate_layout, is_transposed
+from bdlora.experts import BDLoraExperts, expert_shape, gate_layout, is_transposed
 from bdlora.parallel.comm import TPGroup, gather_parts, sum_over
 from bdlora.parallel.styles import join, keep_local_shards_, shard_ranges
 from bdlora.roles import Role
@@ -188,7 +188,7 @@ def check_experts_tp(name: str, experts, tp: int, ep: int, nblocks: list[int]) -
 
 
 def _check_expert_splits(name: str, experts, expert_tp: int, segments: int, nblocks: list[int]) -> None:
-    gate_up_out, hidden = _expert_dims(experts)
+    _, gate_up_out, _ = expert_shape(experts, "gate_up_proj")
     intermediate = gate_up_out // 2
     step = expert_tp * (segments if segments > 1 else 2)  # interleaved: gate/up pairs stay together
     if gate_up_out % step or intermediate % expert_tp:
@@ -203,14 +203,6 @@ def _check_expert_splits(name: str, experts, expert_tp: int, segments: int, nblo
                 f"{segments} x expert-TP ranks {expert_tp}) for each rank to hold whole blocks of every "
                 f"expert's adapter; or raise ep"
             )
-
-
-def _expert_dims(experts) -> tuple[int, int]:
-    """(2I, H) of one expert, unsharded."""
-    if isinstance(experts, BDLoraExperts):
-        return experts.gate_up_proj.global_shape
-    _, d1, d2 = experts.gate_up_proj.shape
-    return (d2, d1) if is_transposed(experts) else (d1, d2)
 
 
 def shard_experts_(experts: BDLoraExperts, name: str, tp: TPGroup, ep: int) -> None:
