@@ -90,6 +90,7 @@ def run_engine(spec: dict, workdir: Path, timeout: float = 600) -> dict:
     spec_path.write_text(json.dumps(spec))
     proc = subprocess.run(
         [str(python), str(ENGINE_SCRIPT), str(spec_path), str(out_path)],
+        check=False,
         env=serve_env(),
         capture_output=True,
         text=True,
