@@ -27,16 +27,18 @@ down B              ``(E, H, r)``                dense
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bdlora.layers import BDLoraLinear, expand_block_diag, init_factors
+from bdlora.layers import BDLoraLinear, RowAdapters, check_unmerged, expand_block_diag, init_factors
 from bdlora.roles import Role
 
 EXPERT_PARAMS = {"gate_up_proj": Role.COLUMN, "down_proj": Role.ROW}
+# (adapter, its index in a mixed batch's adapters or None for every token, (A_e, B_e) per expert)
+ExpertFactors = tuple[str, int | None, list[tuple[torch.Tensor, torch.Tensor]]]
 
 
 def is_experts(module: nn.Module) -> bool:
@@ -143,24 +145,39 @@ class ExpertLinear(BDLoraLinear):
         for e in range(a.shape[0]):  # each expert as one linear layer: the same fan-ins
             init_factors(a[e], b[e], init, base_std, d_in)
 
-    def expert_factors(self) -> tuple[str, list[tuple[torch.Tensor, torch.Tensor]]] | None:
-        """The live adapter's name and its (A_e, B_e) per local expert, or None. Split once per
-        forward: indexing the factors per expert would give each expert a backward that writes a
-        whole-tensor gradient."""
-        name = self.live_adapter()
-        if name is None:
-            return None
-        return name, list(zip(self.lora_A[name].unbind(0), self.lora_B[name].unbind(0)))
+    def expert_factors(self, rows: RowAdapters | None = None) -> list[ExpertFactors]:
+        """The adapters forward adds: the live one on every token, or (``rows``, a mixed batch)
+        each of the batch's adapters this tensor holds on its own tokens; with their (A_e, B_e) per
+        local expert. Split once per forward: indexing the factors per expert would give each
+        expert a backward that writes a whole-tensor gradient."""
+        if rows is None:
+            name = self.live_adapter()
+            picked = [] if name is None else [(name, None)]
+        else:
+            check_unmerged(self)
+            held = [(n, k) for k, n in enumerate(rows.adapters) if n in self.lora_A]
+            picked = [] if self.disabled else held
+        return [
+            (name, k, list(zip(self.lora_A[name].unbind(0), self.lora_B[name].unbind(0))))
+            for name, k in picked
+        ]
 
-    def expert_forward(self, x: torch.Tensor, e: int, factors: tuple | None) -> torch.Tensor:
+    def expert_forward(
+        self, x: torch.Tensor, e: int, factors: list[ExpertFactors], picks: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Local expert ``e`` on its routed tokens: x (n, d_in_local) -> (n, d_out_local), bias included
         (a row layer's bias from one rank of the expert's TP group, see ``adds_bias``); ``factors``:
-        ``expert_factors()``."""
+        ``expert_factors()``; ``picks`` (n,): each token's index into a mixed batch's adapters."""
         out = F.linear(x, self.weight[e])  # (n, d_out_local)
-        if factors is not None:
-            name, per_expert = factors
+        for name, k, per_expert in factors:
             a, b = per_expert[e]
-            out = out + self.factor_delta(x, a, b, name).to(out.dtype)
+            if k is None:
+                out = out + self.factor_delta(x, a, b, name).to(out.dtype)
+                continue
+            index = (picks == k).nonzero().squeeze(1)  # (n_k,) this adapter's tokens
+            if len(index):
+                delta = self.factor_delta(x.index_select(0, index), a, b, name)  # (n_k, d_out_local)
+                out = out.index_add(0, index, delta.to(out.dtype))
         bias = self.base_layer.bias
         if bias is not None and self.adds_bias():
             out = out + bias[e]
@@ -195,7 +212,8 @@ class BDLoraExperts(nn.Module):
 
     Called as transformers' experts are: ``(hidden_states (T, H), top_k_index (T, k), top_k_weights
     (T, k))`` with global expert ids; returns ``(T, H)``, the weighted sum over the routed experts
-    this rank holds.
+    this rank holds. ``adapter_names`` (a mixed batch, one name per row of the ``(B, S)`` batch the
+    T = B*S tokens were flattened from): each token gets its row's adapter.
     """
 
     def __init__(self, experts: nn.Module) -> None:
@@ -214,19 +232,26 @@ class BDLoraExperts(nn.Module):
         self._activation = _activation(experts)
 
     def forward(
-        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+        self,
+        hidden_states: torch.Tensor,
+        top_k_index: torch.Tensor,
+        top_k_weights: torch.Tensor,
+        adapter_names: Sequence[str] | RowAdapters | None = None,
     ) -> torch.Tensor:
+        rows = RowAdapters.of(adapter_names)
         out = torch.zeros_like(hidden_states)  # (T, H)
         local = top_k_index - self.expert_offset  # (T, k) local expert ids; others out of range
         with torch.no_grad():
             hit = local[(local >= 0) & (local < self.num_local_experts)].unique().tolist()
         if not hit:  # still a function of the input: the block's f must run its backward here too
             return hidden_states * 0.0 + self.gate_up_proj.keep_grads() + self.down_proj.keep_grads()
-        gate_up, down = self.gate_up_proj.expert_factors(), self.down_proj.expert_factors()
+        gate_up, down = self.gate_up_proj.expert_factors(rows), self.down_proj.expert_factors(rows)
+        token_ids = None if rows is None else rows.ids(len(hidden_states), hidden_states.device)  # (T,)
         for e in hit:
             token_idx, slot = torch.where(local == e)  # (n,), (n,)
-            h = self.gate_up_proj.expert_forward(hidden_states[token_idx], e, gate_up)  # (n, 2I_local)
-            y = self.down_proj.expert_forward(self._activation(h), e, down)  # (n, H), partial under TP
+            picks = None if token_ids is None else token_ids[token_idx]  # (n,)
+            h = self.gate_up_proj.expert_forward(hidden_states[token_idx], e, gate_up, picks)  # (n, 2I_local)
+            y = self.down_proj.expert_forward(self._activation(h), e, down, picks)  # (n, H), partial under TP
             out.index_add_(0, token_idx, (y * top_k_weights[token_idx, slot, None]).to(out.dtype))
         return out
 
@@ -274,16 +299,49 @@ class RouterLinear(BDLoraLinear):
     """A MoE router with an adapter on its weight: the router's own forward (its softmax, top-k,
     scaling) runs on ``W + delta``, so whatever the router does with its logits stays transformers'.
 
-    The delta is (E, H): forming it costs less than the router's own matmul over the tokens.
+    The delta is (E, H): forming it costs less than the router's own matmul over the tokens. In a
+    mixed batch (``adapter_names``) the router runs once per adapter on that adapter's tokens (dim 0
+    of its input) and the per-token outputs are put back in order.
     """
 
-    def forward(self, *args, **kwargs):
-        name = self.live_adapter()
+    def forward(self, *args, adapter_names: Sequence[str] | RowAdapters | None = None, **kwargs):
+        rows = RowAdapters.of(adapter_names)
+        if rows is not None:
+            check_unmerged(self)
+            return self._rows_forward(rows, args, kwargs)
+        return self._adapted(self.live_adapter(), args, kwargs)
+
+    def _adapted(self, name: str | None, args: tuple, kwargs: dict):
         if name is None:
             return self.base_layer(*args, **kwargs)
         weight = self.base_layer.weight
         adapted = {"weight": weight + self.delta_weight(name).to(weight.dtype)}  # (E, H)
         return torch.func.functional_call(self.base_layer, adapted, args, kwargs)
+
+    def _rows_forward(self, rows: RowAdapters, args: tuple, kwargs: dict):
+        x, rest = args[0], args[1:]  # (T, H)
+        groups = rows.groups(len(x), x.device)
+        ids = rows.ids(len(x), x.device)
+        parts = [(None, (ids < 0).nonzero().squeeze(1))]  # the base's tokens
+        parts += [(n if n in self.lora_A and not self.disabled else None, idx) for n, idx in groups]
+        parts = [(name, idx) for name, idx in parts if len(idx)]
+        outputs = [self._adapted(name, (x.index_select(0, idx), *rest), kwargs) for name, idx in parts]
+        order = torch.cat([idx for _, idx in parts]).argsort()  # back to the tokens' order
+        return _stitch(outputs, [len(idx) for _, idx in parts], order)
+
+
+def _stitch(outputs: list, lengths: list[int], order: torch.Tensor):
+    """One output from per-group outputs (tensors, or tuples of them, per token along dim 0)."""
+    first = outputs[0]
+    if isinstance(first, torch.Tensor):
+        for out, n in zip(outputs, lengths):
+            if out.shape[0] != n:
+                raise ValueError(
+                    f"router output of shape {tuple(out.shape)} is not per token ({n} tokens): a mixed "
+                    f"batch (adapter_names) cannot reassemble it"
+                )
+        return torch.cat(outputs).index_select(0, order)
+    return type(first)(_stitch(list(parts), lengths, order) for parts in zip(*outputs))
 
 
 def wrap_experts(model: nn.Module, name: str) -> BDLoraExperts:

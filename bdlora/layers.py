@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Sequence
 from typing import Protocol
 
 import torch
@@ -143,6 +144,71 @@ def is_adaptable(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
+BASE_ADAPTER = "__base__"  # PEFT's name for a row of a mixed batch that runs the base model alone
+
+
+class RowAdapters:
+    """The adapter of each row of a mixed batch (PEFT's ``adapter_names``), and the rows each takes.
+
+    A layer's input has the batch as dim 0, or the batch and sequence flattened row-major into it
+    (a MoE block's ``(B*T, H)``): ``groups`` maps either to each adapter's items of that dim. The
+    index tensors are built once per length and device, so a forward's layers share them.
+    """
+
+    def __init__(self, names: Sequence[str]) -> None:
+        self.names = tuple(names)
+        self.adapters = tuple(dict.fromkeys(n for n in self.names if n != BASE_ADAPTER))  # in order
+        self._groups: dict[tuple[int, torch.device], list[tuple[str, torch.Tensor]]] = {}
+
+    @classmethod
+    def of(cls, adapter_names: Sequence[str] | RowAdapters | None) -> RowAdapters | None:
+        if adapter_names is None or isinstance(adapter_names, RowAdapters):
+            return adapter_names
+        return cls(adapter_names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def per_item(self, length: int) -> int:
+        """Items of a dim 0 of ``length`` per batch row (1, or the sequence length when flattened)."""
+        rows = len(self.names)
+        if rows == 0 or length % rows:
+            raise ValueError(
+                "Length of `adapter_names` should be the same as the number of inputs, but got "
+                f"{rows} and {length} respectively."
+            )
+        return length // rows
+
+    def groups(self, length: int, device: torch.device) -> list[tuple[str, torch.Tensor]]:
+        """(adapter, indices into a dim 0 of ``length``) for every adapter of the batch, in order;
+        rows of ``__base__`` are in none."""
+        key = (length, torch.device(device))
+        if key not in self._groups:
+            per_row = self.per_item(length)
+            out = []
+            for name in self.adapters:
+                rows = [r for r, n in enumerate(self.names) if n == name]
+                items = [r * per_row + i for r in rows for i in range(per_row)]
+                out.append((name, torch.tensor(items, dtype=torch.long, device=device)))
+            self._groups[key] = out
+        return self._groups[key]
+
+    def ids(self, length: int, device: torch.device) -> torch.Tensor:
+        """(length,) index into ``adapters`` of each item of a dim 0 of ``length``; -1 for the base."""
+        out = torch.full((length,), -1, dtype=torch.long, device=device)
+        for k, (_, index) in enumerate(self.groups(length, device)):
+            out[index] = k
+        return out
+
+
+def check_unmerged(layer: nn.Module) -> None:
+    if layer.merged:
+        raise ValueError(
+            "Cannot pass `adapter_names` when there are merged adapters, please call "
+            "`bdlora.unmerge_adapter(model)` first."
+        )
+
+
 class TPStyle(Protocol):
     """What a sharded layer delegates to its ``tp_style`` (implemented in ``bdlora.parallel.styles``)."""
 
@@ -158,11 +224,14 @@ class TPStyle(Protocol):
 
     def check_merge(self, layer: BDLoraLinear) -> None: ...
 
-    def forward(self, layer: BDLoraLinear, x: torch.Tensor) -> torch.Tensor: ...
+    def forward(
+        self, layer: BDLoraLinear, x: torch.Tensor, rows: RowAdapters | None = None
+    ) -> torch.Tensor: ...
 
 
 class BDLoraLinear(nn.Module):
-    """A frozen linear layer with named BD-LoRA adapters, one active at a time.
+    """A frozen linear layer with named BD-LoRA adapters, one active at a time (or, in a mixed
+    batch, each row its own: ``forward(x, adapter_names=[...])``).
 
     ``global_shape`` is the unsharded base weight's ``(d_out, d_in)``; under TP ``base_layer`` holds
     this rank's shard and ``tp_style`` says how the shards combine. A transformers ``Conv1D`` base
@@ -305,14 +374,38 @@ class BDLoraLinear(nn.Module):
         h = block_diag_matmul(x, a, nblocks) * self.scaling[name]  # (..., r_local)
         return F.linear(h, b)  # (..., d_out)
 
-    def partial_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``W x`` plus the live adapter's delta, before the bias (a row shard's partial sum)."""
+    def partial_forward(self, x: torch.Tensor, rows: RowAdapters | None = None) -> torch.Tensor:
+        """``W x`` plus the live adapter's delta (``rows``: each row's adapter's), before the bias
+        (a row shard's partial sum)."""
+        if rows is not None:
+            return self.rows_forward(x, rows)
         name = self.live_adapter()
         if name is None:
             return F.linear(x, self.weight)
         if self.fused and self._fusable(x, name):
             return self._fused_forward(x, name)
         return F.linear(x, self.weight) + self.lora_delta(x, name).to(x.dtype)
+
+    def rows_forward(self, x: torch.Tensor, rows: RowAdapters) -> torch.Tensor:
+        """``W x`` plus, on each row of dim 0, the delta of that row's adapter (none for
+        ``__base__``, or an adapter this layer does not hold), before the bias.
+
+        Each adapter runs on its own rows' local shards: under TP nothing is added to the base
+        layer's own communication. Disabled adapters leave the base alone, as in PEFT.
+        """
+        check_unmerged(self)
+        out = F.linear(x, self.weight)  # (B, ..., d_out_local)
+        if self.disabled:
+            return out
+        for name, index in rows.groups(x.shape[0], x.device):
+            if name not in self.lora_A:
+                continue
+            if len(index) == x.shape[0]:  # every row: no gather
+                out = out + self.lora_delta(x, name).to(out.dtype)
+                continue
+            delta = self.lora_delta(x.index_select(0, index), name)  # (rows, ..., d_out_local)
+            out = out.index_add(0, index, delta.to(out.dtype))
+        return out
 
     def _fusable(self, x: torch.Tensor, name: str) -> bool:
         """One block of the block-diagonal factor on this rank (BD-LoRA at TP = nblocks, or plain
@@ -336,10 +429,15 @@ class BDLoraLinear(nn.Module):
         bias = self.base_layer.bias
         return out if bias is None else out + bias
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, adapter_names: Sequence[str] | RowAdapters | None = None
+    ) -> torch.Tensor:
+        """``x W^T + b`` plus the live adapter's delta; with ``adapter_names`` (one name per row of
+        dim 0, ``"__base__"`` for none: PEFT's mixed batch), each row's own adapter's delta."""
+        rows = RowAdapters.of(adapter_names)
         if self.tp_style is not None:
-            return self.tp_style.forward(self, x)
-        return self.add_bias(self.partial_forward(x))
+            return self.tp_style.forward(self, x, rows)
+        return self.add_bias(self.partial_forward(x, rows))
 
     def delta_weight(self, name: str) -> torch.Tensor:
         """``scale * B A`` on this rank's shard of the weight, as a dense matrix in fp32."""

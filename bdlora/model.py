@@ -20,6 +20,7 @@ from torch import nn
 from bdlora.config import BDLoraConfig
 from bdlora.experts import BDLoraExperts, RouterLinear, is_experts, is_router, wrap_experts
 from bdlora.layers import BDLoraLinear
+from bdlora.mixed_batch import install_mixed_batch
 from bdlora.plan import ModulePlan, resolve_plan
 from bdlora.roles import Role
 from bdlora.state import AdapterRecord, on_every_rank, release_, state_of
@@ -48,6 +49,10 @@ def apply_bdlora(
     give the same adapter at every TP degree.
 
     Every rank: only on a TP-sharded model (``base_stats`` init all-reduces weight statistics).
+
+    The model then also runs mixed batches, as PEFT's ``PeftModel`` does: ``model(input_ids,
+    adapter_names=[...])`` and ``model.generate(input_ids, adapter_names=[...])``, one adapter name
+    per row (``"__base__"``: the base model alone), in eval mode (``bdlora.mixed_batch``).
     """
     return on_every_rank(model, "apply_bdlora", add_adapter_, model, config, adapter_name, init)
 
@@ -79,6 +84,7 @@ def add_adapter_(model: nn.Module, config: BDLoraConfig, adapter_name: str, init
     finally:
         _thaw_active(model)
     state_of(model, create=True).adapters[adapter_name] = AdapterRecord(config, plan)
+    install_mixed_batch(model)
     return model
 
 

@@ -42,6 +42,8 @@ class ParallelRecord(Protocol):
 
     def is_writer(self) -> bool: ...
 
+    def check_local_adapters(self, op: str) -> None: ...
+
 
 @dataclass
 class BDLoraState:
@@ -50,10 +52,12 @@ class BDLoraState:
     ``adapters``: adapter name -> its config and plan, in the order they were added.
     ``parallel``: set by ``bdlora.parallelize``; ``None`` for a model that is not parallelized, on
     which no bdlora call issues a collective (so rank-0-only calls are safe).
+    ``hooks``: the model's own forward hooks that take PEFT's ``adapter_names`` (``bdlora.mixed_batch``).
     """
 
     adapters: dict[str, AdapterRecord] = field(default_factory=dict)
     parallel: ParallelRecord | None = None
+    hooks: list[Any] = field(default_factory=list)
 
     @property
     def tp_size(self) -> int:
@@ -109,9 +113,13 @@ class RefuseSavePretrained:
 
 
 def release_(model: nn.Module) -> None:
-    """Drop the record and the ``save_pretrained`` guard (the model holds no bdlora layer any more)."""
-    model.__dict__.pop(STATE_ATTR, None)
+    """Drop the record, the ``save_pretrained`` guard and the mixed-batch hooks and ``generate``
+    (the model holds no bdlora layer any more)."""
+    state = model.__dict__.pop(STATE_ATTR, None)
+    for handle in state.hooks if state is not None else []:
+        handle.remove()
     model.__dict__.pop("save_pretrained", None)
+    model.__dict__.pop("generate", None)
 
 
 def on_every_rank(model: nn.Module, op: str, fn: Callable[..., Any], *args: Any) -> Any:

@@ -36,6 +36,7 @@ from bdlora.roles import Role
 
 if TYPE_CHECKING:
     from bdlora.experts import ExpertLinear
+    from bdlora.layers import RowAdapters
 
 
 @dataclass(frozen=True)
@@ -143,7 +144,7 @@ class ExpertsTP:
     def check_merge(self, layer: ExpertLinear) -> None:
         """Each rank's ``B_e A_e`` is exactly its slice of expert e's delta."""
 
-    def forward(self, layer: ExpertLinear, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, layer: ExpertLinear, x: torch.Tensor, rows: RowAdapters | None = None) -> torch.Tensor:
         return layer.forward(x)  # raises: experts run inside BDLoraExperts
 
     def __repr__(self) -> str:

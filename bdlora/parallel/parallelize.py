@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
-from bdlora.config import BDLoraConfig
+from bdlora.config import BDLoraConfig, BDLoraConfigError
 from bdlora.experts import experts_modules
 from bdlora.parallel.comm import TPGroup
 from bdlora.parallel.data_parallel import GradientAverager, skip_grad_sync
@@ -97,6 +97,17 @@ class ParallelState:
     def is_writer(self) -> bool:
         """Global rank 0 writes files that all ranks produced together."""
         return not dist.is_initialized() or dist.get_rank() == 0
+
+    def check_local_adapters(self, op: str) -> None:
+        """Refuse ``op`` (a mixed batch, a combination of adapters) where the sharding cannot run it
+        on each rank's own shards (``TPSharding.local_adapters``)."""
+        if self.tp.size > 1 and not self.sharding_class.local_adapters:
+            raise BDLoraConfigError(
+                f"{op} is not supported on a model sharded {self.sharding!r} at TP {self.tp.size}: its "
+                f"column layers split the adapter's rank dim in A but not in B, so rows or adapters "
+                f"cannot be mixed on each rank's shards without extra collectives. Use sharding='bdlora' "
+                f"(or 'replicated'), or TP 1"
+            )
 
     def describe(self) -> str:
         return format_blocks([b.spec for b in self.blocks], self.tp.size, self.sharding)

@@ -55,7 +55,7 @@ from bdlora.plan import ModulePlan, Plan, check_plan_tp
 from bdlora.roles import STYLE_ROLES, Role
 
 if TYPE_CHECKING:
-    from bdlora.layers import BDLoraLinear
+    from bdlora.layers import BDLoraLinear, RowAdapters
 
 # transformers' TP styles beyond their role (``roles.STYLE_ROLES``): packed segments (transformers'
 # ``packed_colwise`` packs gate and up), and an output gathered or an input split whole.
@@ -123,6 +123,10 @@ class TPSharding(ABC):
 
     name: ClassVar[str]
     whole_blocks: ClassVar[bool]  # each rank holds whole blocks of the block-diagonal factor
+    # each rank can apply any adapter to its rows, and combine adapters, from its own shards alone
+    # (``bdlora.mixed_batch``, ``bdlora.combine``): the adapter's rank dim is never split apart
+    # from the layer's other factor
+    local_adapters: ClassVar[bool] = True
 
     def __init__(self, layer_name: str, tp: TPGroup, layout: LinearLayout) -> None:
         self.layer_name, self.tp, self.layout = layer_name, tp, layout
@@ -201,19 +205,20 @@ class TPSharding(ABC):
     def check_merge(self, layer: BDLoraLinear) -> None:  # noqa: B027  (optional hook)
         """Each rank's ``B_i A_i`` is exactly its shard of the merged weight's delta."""
 
-    def forward(self, layer: BDLoraLinear, x: torch.Tensor) -> torch.Tensor:
-        """The layer's local output: a column shard, or a row layer's partial sum (bias from rank 0)."""
+    def forward(self, layer: BDLoraLinear, x: torch.Tensor, rows: RowAdapters | None = None) -> torch.Tensor:
+        """The layer's local output: a column shard, or a row layer's partial sum (bias from rank 0).
+        ``rows``: a mixed batch, each row its own adapter."""
         if self.layout.role is Role.ROW:
             if self.layout.whole_io:
                 x = split_last(x, self.tp)  # (..., d_in) -> (..., d_in/t)
-            out = self.local_forward(layer, x)
+            out = self.local_forward(layer, x, rows)
             return layer.add_bias(out) if self.tp.rank == 0 else out  # the bias once in the sum
-        out = layer.add_bias(self.local_forward(layer, x))  # (..., d_out/t)
+        out = layer.add_bias(self.local_forward(layer, x, rows))  # (..., d_out/t)
         return gather_last(out, self.tp) if self.layout.whole_io else out
 
     @abstractmethod
-    def local_forward(self, layer: BDLoraLinear, x: torch.Tensor) -> torch.Tensor:
-        """Base plus adapter on this rank's shards, before the bias."""
+    def local_forward(self, layer: BDLoraLinear, x: torch.Tensor, rows: RowAdapters | None) -> torch.Tensor:
+        """Base plus adapter (or each row's adapter) on this rank's shards, before the bias."""
 
     def __repr__(self) -> str:
         return f"{self.name}:{self.tp.rank}/{self.tp.size}"
@@ -243,8 +248,8 @@ class BDLoraTP(TPSharding):
     def local_nblocks(self, nblocks: int) -> int:
         return nblocks // self.tp.size
 
-    def local_forward(self, layer: BDLoraLinear, x: torch.Tensor) -> torch.Tensor:
-        return layer.partial_forward(x)
+    def local_forward(self, layer: BDLoraLinear, x: torch.Tensor, rows: RowAdapters | None) -> torch.Tensor:
+        return layer.partial_forward(x, rows)
 
 
 def _check_packed(m: ModulePlan, layout: LinearLayout | None, tp: int, nblocks: int) -> None:
@@ -281,6 +286,9 @@ class SLoraTP(DenseLoraTP):
     """The S-LoRA baseline: dense LoRA whose factor shards need the ``(tokens, r)`` collectives."""
 
     name: ClassVar[str] = "slora"
+    # a column layer's rank dim is split over A's shards but whole in B: mixing or concatenating
+    # adapters would need their gathered activations
+    local_adapters: ClassVar[bool] = False
 
     @classmethod
     def factor_dims(cls, layout: LinearLayout) -> tuple[int | None, int | None]:
@@ -292,7 +300,12 @@ class SLoraTP(DenseLoraTP):
             "merging a TP-sharded S-LoRA adapter needs its gathered A; save it and merge at TP 1"
         )
 
-    def local_forward(self, layer: BDLoraLinear, x: torch.Tensor) -> torch.Tensor:
+    def local_forward(self, layer: BDLoraLinear, x: torch.Tensor, rows: RowAdapters | None) -> torch.Tensor:
+        if rows is not None:
+            raise BDLoraConfigError(
+                f"module {self.layer_name!r}: a mixed batch (adapter_names) is not supported with "
+                f"sharding='slora'; use sharding='bdlora' or 'replicated'"
+            )
         out = F.linear(x, layer.weight)  # (..., d_out/t) or a row partial (..., d_out)
         name = layer.live_adapter()
         if name is None:
@@ -327,8 +340,8 @@ class ReplicatedTP(DenseLoraTP):
         # column: A whole, B on d_out; row: A on d_in, B whole
         return (None, 0) if layout.role is Role.COLUMN else (1, None)
 
-    def local_forward(self, layer: BDLoraLinear, x: torch.Tensor) -> torch.Tensor:
-        return layer.partial_forward(x)  # a row layer's B (A_i x_i) is a partial sum, as W_i x_i is
+    def local_forward(self, layer: BDLoraLinear, x: torch.Tensor, rows: RowAdapters | None) -> torch.Tensor:
+        return layer.partial_forward(x, rows)  # a row layer's B (A_i x_i) is a partial sum, as W_i x_i is
 
 
 def replicated_factors(model: torch.nn.Module) -> list[torch.nn.Parameter]:
