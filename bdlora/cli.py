@@ -1,6 +1,7 @@
 """``bdlora`` command line: ``plan`` (what would be adapted, and how), ``demo``, and for a trained run
-``export`` (PEFT adapter or merged model) and ``generate`` (a greedy completion); for a
-``bdlora-train -m`` sweep ``sweep-report`` (a table and plot of its runs)."""
+``export`` (PEFT adapter or merged model) and ``generate`` (greedy completions; several prompts and
+adapters in one batch); for a ``bdlora-train -m`` sweep ``sweep-report`` (a table and plot of its
+runs)."""
 
 from __future__ import annotations
 
@@ -207,10 +208,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from bdlora.train.export import MARKER, export  # noqa: PLC0415
+    from bdlora.train.export import ENGINES, MARKER, export  # noqa: PLC0415
 
     run = export(args.run, args.format, args.out, force=args.force)
     print(f"exported {run.checkpoint} (step {run.step}) as {args.format} to {args.out}")
+    print(f"loads in: {ENGINES[args.format]}")
     if args.format == "merged":
         record = json.loads((Path(args.out) / MARKER).read_text())
         print(f"tokenizer: {record['tokenizer']} (AutoTokenizer.from_pretrained({args.out!r}) loads it)")
@@ -218,16 +220,51 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from bdlora.train.export import generate  # noqa: PLC0415
-
     if args.max_new_tokens < 1:
         raise BDLoraConfigError(
             f"--max-new-tokens {args.max_new_tokens}: give a positive number of tokens to generate"
         )
-    if not args.prompt.strip():
-        raise BDLoraConfigError(f"--prompt {args.prompt!r} is empty: give the text to continue")
-    text = generate(args.run, args.prompt, args.max_new_tokens, adapter=not args.no_adapter, raw=args.raw)
-    print(text, end="" if text.endswith("\n") else "\n")
+    for prompt in args.prompt:
+        if not prompt.strip():
+            raise BDLoraConfigError(f"--prompt {prompt!r} is empty: give the text to continue")
+    if len(args.prompt) == 1 and not args.adapter and args.adapter_names is None:
+        from bdlora.train.export import generate  # noqa: PLC0415
+
+        text = generate(
+            args.run, args.prompt[0], args.max_new_tokens, adapter=not args.no_adapter, raw=args.raw
+        )
+        print(text, end="" if text.endswith("\n") else "\n")
+        return 0
+    return _generate_batch(args)
+
+
+def _generate_batch(args: argparse.Namespace) -> int:
+    """Several prompts, or several adapters: one batch, each prompt by its own adapter."""
+    from bdlora.train.generation import generate_batch, parse_adapter_option  # noqa: PLC0415
+
+    adapters = dict(parse_adapter_option(text) for text in args.adapter or [])
+    if len(adapters) != len(args.adapter or []):
+        raise BDLoraConfigError("--adapter: each NAME may be given once")
+    names = None if args.adapter_names is None else [n.strip() for n in args.adapter_names.split(",")]
+    completions = generate_batch(
+        args.run,
+        args.prompt,
+        args.max_new_tokens,
+        adapters=adapters,
+        adapter_names=names,
+        run_adapter=not args.no_adapter,
+        raw=args.raw,
+    )
+    for i, (name, text) in enumerate(completions):
+        print(f"--- prompt {i + 1}/{len(completions)}, adapter {name}")
+        print(text, end="" if text.endswith("\n") else "\n")
+    return 0
+
+
+def cmd_serve_args(args: argparse.Namespace) -> int:
+    from bdlora.serve.launch import serve_args  # noqa: PLC0415
+
+    print("\n".join(serve_args(args.run, args.tp)))
     return 0
 
 
@@ -300,13 +337,41 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, help="output directory (new, empty, or an earlier export)")
     export.add_argument("--force", action="store_true", help="replace an earlier export at --out")
     export.set_defaults(func=cmd_export)
-    gen = sub.add_parser("generate", help="greedy completion by a trained run's base model + adapter")
-    gen.add_argument("run", metavar="RUN_OR_CHECKPOINT", help=run_help)
-    gen.add_argument("--prompt", required=True)
+    gen = sub.add_parser(
+        "generate",
+        help="greedy completion by a trained run's base model + adapter; several prompts and adapters "
+        "in one batch",
+    )
+    gen.add_argument("run", metavar="RUN_OR_CHECKPOINT", help=run_help + "; its adapter loads as 'default'")
+    gen.add_argument(
+        "--prompt", required=True, action="append", help="the text to continue; repeat for a batch of prompts"
+    )
     gen.add_argument("--max-new-tokens", type=int, default=32)
-    gen.add_argument("--no-adapter", action="store_true", help="the base model alone")
+    gen.add_argument("--no-adapter", action="store_true", help="do not load the run's own adapter")
+    gen.add_argument(
+        "--adapter",
+        action="append",
+        metavar="NAME=DIR",
+        help="also load adapter NAME from DIR: a PEFT adapter dir, or a run or checkpoint trained on the "
+        "same base model; repeatable",
+    )
+    gen.add_argument(
+        "--adapter-names",
+        metavar="NAME[,NAME...]",
+        help="the adapter of each --prompt, in order (one name: every prompt): 'default' (the run's), "
+        "an --adapter NAME, or __base__ (the base model alone); default: 'default' (__base__ with "
+        "--no-adapter)",
+    )
     gen.add_argument("--raw", action="store_true", help="no prompt template (embedded-data runs use one)")
     gen.set_defaults(func=cmd_generate)
+    serve = sub.add_parser(
+        "serve-args",
+        help="the vLLM server arguments for a run's base model and adapter, one per line "
+        "(launch/vllm_serve.sh uses them)",
+    )
+    serve.add_argument("run", metavar="RUN_OR_CHECKPOINT", help=run_help)
+    serve.add_argument("--tp", type=int, default=1, help="tensor-parallel degree to serve at (default 1)")
+    serve.set_defaults(func=cmd_serve_args)
     sweep = sub.add_parser("sweep-report", help="one table and plot for a bdlora-train -m sweep directory")
     sweep.add_argument("sweep_dir", metavar="SWEEP_DIR", help="a Hydra multirun dir: multirun/<name>/<stamp>")
     sweep.add_argument("--out", help="where to write sweep_report.{md,csv,png} (default: SWEEP_DIR)")

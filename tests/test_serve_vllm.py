@@ -202,3 +202,68 @@ def test_bdlora_generate_cli_gives_vllm_text(served):
         text=True,
     ).stdout
     assert out.rstrip("\n") == hf_byte_tokenizer().decode(tokens).rstrip("\n")
+
+
+def ready(url: str) -> bool:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=10) as response:
+            return response.status == 200
+    except (urllib.error.URLError, ConnectionError):
+        return False
+
+
+def server_wait(server: subprocess.Popen) -> None:
+    """Between readiness polls: returns early if the server exits."""
+    try:
+        server.wait(timeout=1)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+def test_openai_server_from_launcher(served):
+    """``launch/vllm_serve.sh RUN --tp 2`` answers a completion request for the adapter by name."""
+    import json
+    import socket
+    import threading
+    import urllib.request
+
+    from tests.serving import ROOT, SERVE_PYTHON, serve_env
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**serve_env(), "BDLORA": str(Path(sys.executable).with_name("bdlora"))}
+    env["VLLM_PYTHON"] = str(SERVE_PYTHON)
+    run = served["runs"]["bd_a"]
+    command = [str(ROOT / "launch" / "vllm_serve.sh"), str(run), "--tp", "2", "--port", str(port)]
+    command += ["--max-model-len", "256", "--max-num-seqs", "8", "--enforce-eager"]
+    server = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log: list[str] = []
+    drain = threading.Thread(target=lambda: log.extend(server.stdout), daemon=True)  # never blocks it
+    drain.start()
+    watchdog = threading.Timer(400, server.kill)  # a server that never comes up fails the test
+    watchdog.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        while not ready(url):
+            if server.poll() is not None:
+                pytest.fail("the server exited before it was ready:\n" + "".join(log[-40:]))
+            server_wait(server)
+        body = {"model": run.name, "prompt": served["prompts"][0], "max_tokens": 8, "temperature": 0}
+        body.update(ignore_eos=True, logprobs=1, return_tokens_as_token_ids=True)  # ids, not bytes
+        headers = {"Content-Type": "application/json"}
+        request = urllib.request.Request(f"{url}/v1/completions", json.dumps(body).encode(), headers)
+        with urllib.request.urlopen(request, timeout=120) as response:
+            answer = json.loads(response.read())
+        with urllib.request.urlopen(f"{url}/v1/models", timeout=30) as response:
+            models = [m["id"] for m in json.loads(response.read())["data"]]
+    finally:
+        watchdog.cancel()
+        server.terminate()
+        server.wait(timeout=120)
+    assert run.name in models
+    tokens = [int(t.removeprefix("token_id:")) for t in answer["choices"][0]["logprobs"]["tokens"]]
+    assert tokens == served["bdlora"]["bd_a"][0]["tokens"]

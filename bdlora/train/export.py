@@ -51,12 +51,20 @@ from bdlora.presets import build_model as build_preset
 from bdlora.train.checkpoint import COMPLETE, STATE, newest_intact, verify_checkpoint
 from bdlora.train.config import ModelConfig
 from bdlora.train.data import ByteTokenizer, Tokenizer, build_tokenizer
-from bdlora.train.modeling import resolve_model_dir, tokenizer_for
+from bdlora.train.modeling import drop_gguf_quantization, resolve_model_dir, tokenizer_for
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
 
 FORMATS = ("peft-bdlora", "peft-lora", "merged")
+# Which engines load each format as written (printed by ``bdlora export``; the README's "Serving").
+ENGINES = {
+    "peft-bdlora": "PEFT >= 0.20 (PeftModel.from_pretrained); vLLM with bdlora's plugin (bdlora installed "
+    "beside vLLM; vLLM alone refuses use_bdlora)",
+    "peft-lora": "PEFT; vLLM as is (--enable-lora --lora-modules NAME=DIR); every TP rank then computes the "
+    "whole shrink or expand",
+    "merged": "transformers (AutoModelForCausalLM.from_pretrained); vLLM as is (vllm serve DIR)",
+}
 MARKER = "bdlora_export.json"  # in every export: what --force may replace
 # weights in formats other than safetensors: never copied into a merged export, where they would
 # sit beside the merged safetensors still holding the unmerged base
@@ -345,6 +353,7 @@ def merge_streaming(model_dir: str | Path, checkpoint: str | Path, out: str | Pa
         if path.is_file() and not path.name.startswith(".") and path not in sources:
             if path.suffix not in UNMERGED_WEIGHT_SUFFIXES:
                 shutil.copy2(path, out / path.name)
+    drop_gguf_quantization(out)  # the weights written are floats, whatever the source was
     for src in sources:
         shutil.copy2(src, out / src.name)
         header, data_start = _safetensors_header(src)

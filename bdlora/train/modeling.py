@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import torch
@@ -47,6 +48,8 @@ def resolve_model_dir(cfg: ModelConfig, is_main: bool) -> Path | None:
     out = Path(cfg.cache_dir) / "smollm2-135m-instruct"
     if is_main and not (out / "model.safetensors").is_file():
         convert_smollm2(out)  # the caller synchronises ranks after this returns
+    elif is_main:
+        drop_gguf_quantization(out)  # a cache written before the key was dropped
     return out
 
 
@@ -71,10 +74,32 @@ def convert_smollm2(out: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
     out.mkdir(parents=True, exist_ok=True)
     model.config.save_pretrained(out)
+    drop_gguf_quantization(out)
     tokenizer.save_pretrained(out)
     tied = model.config.tie_word_embeddings
     state = {k: v.contiguous() for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
     write_file_atomic(out / "model.safetensors", lambda p: save_file(state, p, metadata={"format": "pt"}))
+
+
+def drop_gguf_quantization(model_dir: Path) -> bool:
+    """Remove a GGUF ``quantization_config`` from ``model_dir/config.json``; True if there was one.
+
+    transformers records the GGUF source's quantisation in the config of the model it de-quantised,
+    though the weights written are plain floats; vLLM then refuses the directory ("Unknown
+    quantization method: gguf"), and every copy of the config (a merged export) carries the key on.
+    """
+    from bdlora.fsutil import write_file_atomic
+
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        return False
+    config = json.loads(path.read_text())
+    if (config.get("quantization_config") or {}).get("quant_method") != "gguf":
+        return False
+    del config["quantization_config"]
+    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+    write_file_atomic(path, lambda p: Path(p).write_text(text))
+    return True
 
 
 def tokenizer_for(cfg: ModelConfig, model_dir: Path | None) -> Tokenizer:
