@@ -267,3 +267,49 @@ def test_openai_server_from_launcher(served):
     assert run.name in models
     tokens = [int(t.removeprefix("token_id:")) for t in answer["choices"][0]["logprobs"]["tokens"]]
     assert tokens == served["bdlora"]["bd_a"][0]["tokens"]
+
+
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory):
+    """SmolLM2-135M (real weights, 9 heads: TP 1 or 3) with a BD-LoRA adapter, nblocks 3."""
+    from transformers import AutoTokenizer
+
+    from bdlora.train.export import load_model, open_run
+
+    require_serve_venv()
+    root = tmp_path_factory.mktemp("smollm2")
+    run = train(
+        root / "smol",
+        "experiment=smollm2",
+        "steps=3",
+        "optim.lr=5e-3",
+        "optim.warmup_steps=0",
+        "data.num_examples=100",
+        "data.seq_len=32",
+        f"model.cache_dir={root / 'cache'}",
+    )
+    base = root / "cache" / "smollm2-135m-instruct"
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    prompts = [tokenizer.encode(p, add_special_tokens=False) for p in PROMPTS[:3]]
+    model = load_model(open_run(run), base)
+    reference = [greedy_with_logprobs(model, ids, eos_token_id=-1) for ids in prompts]
+    return {"root": root, "base": base, "run": run, "prompts": prompts, "reference": reference}
+
+
+@pytest.mark.parametrize("tp", [1, 3])
+def test_smollm2_through_the_plugin_equals_bdlora(smollm2, tp):
+    spec = {
+        "model": str(smollm2["base"]),
+        "tp": tp,
+        "max_lora_rank": 16,
+        "adapters": {"smol": str(smollm2["run"] / "adapter")},
+        "prompts": smollm2["prompts"],
+        "max_tokens": 8,
+        "count_steps": 2,
+        "mixed": False,
+    }
+    result = run_engine(spec, smollm2["root"])
+    assert_same(result["single"]["smol"], smollm2["reference"], f"SmolLM2 at TP {tp}")
+    assert [r["tokens"] for r in result["single"]["smol"]] != [r["tokens"] for r in result["single"]["base"]]
+    if tp > 1:
+        assert result["collectives"]["smol"] == result["collectives"]["base"]

@@ -119,21 +119,22 @@ def main(spec_path: str, out_path: str) -> None:
         for name, req in [("base", None), *requests.items()]
     }
 
-    # One batch mixing every adapter and the base model, each prompt under each.
-    names = ["base", *requests]
-    mixed_prompts = [p for p in prompts for _ in names]
-    mixed_requests = [requests.get(n) for _ in prompts for n in names]
-    mixed = tokens_and_logprobs(
-        llm.generate(mixed_prompts, greedy, lora_request=mixed_requests, use_tqdm=False)
-    )
-    result["mixed"] = [
-        {"prompt": i // len(names), "adapter": names[i % len(names)], **row} for i, row in enumerate(mixed)
-    ]
+    if spec.get("mixed", True):  # one batch mixing every adapter and the base, each prompt under each
+        names = ["base", *requests]
+        mixed_prompts = [p for p in prompts for _ in names]
+        mixed_requests = [requests.get(n) for _ in prompts for n in names]
+        mixed = tokens_and_logprobs(
+            llm.generate(mixed_prompts, greedy, lora_request=mixed_requests, use_tqdm=False)
+        )
+        result["mixed"] = [
+            {"prompt": i // len(names), "adapter": names[i % len(names)], **row}
+            for i, row in enumerate(mixed)
+        ]
 
     # Collectives per generate call of a fixed number of decode steps, with and without each adapter.
     steps = SamplingParams(temperature=0, max_tokens=spec["count_steps"], ignore_eos=True)
     result["collectives"] = {}
-    for name, req in [("base", None), *requests.items()]:
+    for name, req in [("base", None), *requests.items()] if spec["tp"] > 1 else []:
         llm.collective_rpc(read_counts)
         llm.generate(prompts[:1], steps, lora_request=req, use_tqdm=False)
         result["collectives"][name] = llm.collective_rpc(read_counts)
