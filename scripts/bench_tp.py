@@ -96,6 +96,7 @@ class BenchArgs:
     steps: int
     warmup: int
     seed: int
+    blocks: int = 5
     layout: str = "replicated"
 
     @property
@@ -118,7 +119,10 @@ def parse_args(argv: list[str] | None = None) -> BenchArgs:
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--rank", type=int, default=16, help="LoRA rank R (global, before sharding)")
-    p.add_argument("--steps", type=int, default=20, help="timed repetitions (one step per mode each)")
+    p.add_argument("--steps", type=int, default=60, help="timed repetitions (one step per mode each)")
+    p.add_argument(
+        "--blocks", type=int, default=5, help="also report the overhead of each run of steps/blocks reps"
+    )
     p.add_argument("--warmup", type=int, default=3, help="untimed repetitions")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
@@ -272,6 +276,14 @@ def time_slowest(steps: dict[str, Callable[[], None]], args: BenchArgs) -> dict[
     return {mode: [max(r[mode][i] for r in per_rank) for i in range(args.steps)] for mode in steps}
 
 
+def load_average() -> str:
+    """The machine's 1/5/15-minute load average: other work on the cores skews every timing."""
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "unknown"
+
+
 def gather(obj) -> list:
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
@@ -386,7 +398,7 @@ def paired(times: dict[str, list[float]], a: str, b: str) -> tuple[float, float,
     return quartiles([x / y for x, y in zip(times[a], times[b])])
 
 
-def print_ratios(times: dict[str, list[float]], flops: dict, modes: tuple[str, ...]) -> None:
+def print_ratios(times: dict[str, list[float]], flops: dict, modes: tuple[str, ...], blocks: int) -> None:
     medians = {mode: statistics.median(times[mode]) for mode in modes}
     pairs = [("bdlora", "base"), *(("bdlora", m) for m in ("slora", "replicated") if m in modes)]
     pairs += [(m, "base") for m in ("slora", "replicated") if m in modes]
@@ -398,12 +410,29 @@ def print_ratios(times: dict[str, list[float]], flops: dict, modes: tuple[str, .
             f"(paired ratios: median {q2:.3f}, quartiles {q1:.3f}-{q3:.3f})"
         )
     for mode in (m for m in modes if m != "base"):
-        base_flops, adapter_flops = flops[mode]
-        share, overhead = adapter_flops / base_flops, medians[mode] / medians["base"] - 1
-        print0(
-            f"{LABELS[mode]} adapter FLOPs: {100 * share:.2f}% on top of the frozen linears'; its "
-            f"step-time overhead {100 * overhead:.1f}% is {overhead / share:.1f}x its FLOP share"
-        )
+        print_overhead(mode, times, flops[mode], blocks)
+
+
+def print_overhead(mode: str, times: dict[str, list[float]], flops: tuple[float, float], blocks: int) -> None:
+    """The adapter's step-time overhead over the frozen base as a multiple of its FLOP share.
+
+    Each repetition times every mode back to back, so its ratio to the base's step of the same
+    repetition cancels the machine's drift; the median over repetitions is the answer, the
+    quartiles its spread, and the medians of ``blocks`` consecutive runs of repetitions show how
+    far a shorter run would have strayed.
+    """
+    base_flops, adapter_flops = flops
+    share = adapter_flops / base_flops
+    overheads = [t / b - 1 for t, b in zip(times[mode], times["base"])]  # paired, per repetition
+    q1, q2, q3 = quartiles(overheads)
+    size = max(1, len(overheads) // max(1, blocks))
+    per_block = [statistics.median(overheads[i : i + size]) / share for i in range(0, len(overheads), size)]
+    print0(
+        f"{LABELS[mode]} adapter FLOPs {100 * share:.2f}% of the frozen linears'; step-time overhead "
+        f"{100 * q2:.1f}% (quartiles {100 * q1:.1f}-{100 * q3:.1f}%) = {q2 / share:.2f}x its FLOP share "
+        f"({q1 / share:.2f}-{q3 / share:.2f}x); medians of {len(per_block)} runs of {size} repetitions: "
+        f"{min(per_block):.2f}-{max(per_block):.2f}x"
+    )
 
 
 def run(args: BenchArgs) -> None:
@@ -419,7 +448,7 @@ def run(args: BenchArgs) -> None:
         f"intermediate={args.intermediate} layers={args.layers} heads={args.heads} vocab={args.vocab}; "
         f"batch={args.batch} seq={args.seq}; rank={args.rank} alpha={2 * args.rank} (every adapter) "
         f"nblocks={world} (BD-LoRA; S-LoRA and replicated: dense); steps={args.steps} "
-        f"warmup={args.warmup}; layout={args.layout}"
+        f"warmup={args.warmup}; layout={args.layout}; load average {load_average()}"
     )
     modes = args.modes
     models = {mode: build_model(args, mode, mesh) for mode in modes}
@@ -450,7 +479,7 @@ def run(args: BenchArgs) -> None:
     state = {m: {k: max(r[m][k] for r in per_rank) for k in local[m]} for m in adapters}
     flops = {m: linear_flops(models[m]) for m in modes}  # equal on every rank (even splits)
     print_memory(state, totals, flops, adapters)
-    print_ratios(slowest, flops, modes)
+    print_ratios(slowest, flops, modes, args.blocks)
 
 
 def main(argv: list[str] | None = None) -> None:

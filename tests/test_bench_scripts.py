@@ -201,6 +201,9 @@ def test_bench_tp_tiny_compares_replicated_with_bdlora_and_slora():
     assert "+0 coll, +0.000 MiB" in rows["BD-LoRA"]
     checks = [line for line in printed.splitlines() if "predicted" in line]
     assert len(checks) == 8 and all(line.endswith("match") for line in checks), checks
+    overheads = [line for line in printed.splitlines() if "x its FLOP share (" in line]
+    assert [line.split(" adapter FLOPs")[0] for line in overheads] == ["BD-LoRA", "S-LoRA", "replicated"]
+    assert all("medians of 2 runs of 1 repetitions" in line for line in overheads), overheads
     # per rank, by hand (tests/test_memory_plan.py's tiny-llama count, one layer): replicated 6,144
     # (column A whole, B's rows; row A's columns, B whole), S-LoRA 4,864 (row B whole), BD-LoRA 3,072
     for label, total, per_rank in (
