@@ -6,7 +6,12 @@ and hold ``d_out / tp`` outputs; row layers (o_proj, down_proj) hold ``d_in / tp
 full ``d_out``. Variants, timed interleaved (the order flips every repetition), medians reported:
 
     base             F.linear(x, W) with W frozen; gradient w.r.t. x only
-    lora             dense LoRA of global rank r on the shard (A (r, d_in), B (d_out, r))
+    replicated       dense LoRA of global rank r as the replicated scheme shards it (vLLM's default,
+                     torchtitan, PEFT on a TP plan): A (r, d_in), B (d_out, r) on the shard's d_in x
+                     d_out, the whole rank on every shard (+ one gradient all-reduce per step, not here)
+    slora            dense LoRA of rank r as S-LoRA shards it, compute only (one GPU: its collective
+                     per layer, an all-gather or all-reduce of the (T, r) activation, is not timed):
+                     column A (r/t, d_in), B (d_out/t, r); row A (r, d_in/t), B (d_out/t, r)
     peft_bdlora      PEFT's own BD-LoRA ``lora.Linear`` (``LoraConfig(use_bdlora=...)``)
     bdlora           ``bdlora.layers.BDLoraLinear``
     bdlora_compiled  the same layer under ``torch.compile`` (CUDA by default, ``--compile`` on CPU)
@@ -399,11 +404,38 @@ def dense_lora(layers: Layers) -> Callable[[torch.Tensor], torch.Tensor]:
     return forward
 
 
-def variant_steps(layers: Layers, x: torch.Tensor, gy: torch.Tensor) -> dict[str, Step]:
+def slora_lora(layers: Layers, role: Role, tp: int) -> tuple[Callable, list[nn.Parameter]]:
+    """S-LoRA's per-shard work on the same shapes; the collective between shrink and expand is
+    stood in for by a copy of the right size (a ``cat``), so the expand sees S-LoRA's shapes."""
+    w, d_out = layers.base.weight, layers.base.weight.shape[0]
+    rank = layers.lora_a.shape[0]
+    if role is Role.COLUMN:
+        a = nn.Parameter(layers.lora_a.detach()[: rank // tp].clone())  # (r/t, d_in)
+        b = layers.lora_b  # (d_out/t, r): the shard's output rows, the whole rank
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            h = torch.cat([F.linear(x, a)] * tp, dim=-1) * SCALE  # all-gather stand-in: (T, r)
+            return F.linear(x, w) + F.linear(h, b)  # (T, d_out/t)
+
+    else:
+        a = layers.lora_a  # (r, d_in/t)
+        b = nn.Parameter(layers.lora_b.detach()[: d_out // tp].clone())  # (d_out/t, r)
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            h = F.linear(x, a) * SCALE  # (T, r): a partial sum, all-reduced in S-LoRA
+            out = F.linear(x, w)  # (T, d_out)
+            return torch.cat([out[:, : d_out // tp] + F.linear(h, b), out[:, d_out // tp :]], dim=-1)
+
+    return forward, [a, b]
+
+
+def variant_steps(layers: Layers, x: torch.Tensor, gy: torch.Tensor, role: Role, tp: int) -> dict[str, Step]:
     w = layers.base.weight
+    slora, slora_params = slora_lora(layers, role, tp)
     return {
         "base": fwd_bwd(lambda v: F.linear(v, w), x, [], gy),
-        "lora": fwd_bwd(dense_lora(layers), x, [layers.lora_a, layers.lora_b], gy),
+        "replicated": fwd_bwd(dense_lora(layers), x, [layers.lora_a, layers.lora_b], gy),
+        "slora": fwd_bwd(slora, x, slora_params, gy),
         "peft_bdlora": fwd_bwd(layers.peft_layer, x, peft_factors(layers.peft_layer), gy),
         "bdlora": fwd_bwd(layers.bd, x, bd_factors(layers.bd), gy),
     }
@@ -468,7 +500,7 @@ def bench_case(case: LayerCase, args: BenchArgs, env: Env, compiler: Compiler) -
     x = torch.randn(args.tokens, case.d_in, **like).requires_grad_(True)  # (T, d_in)
     gy = torch.randn(args.tokens, case.d_out, **like)  # (T, d_out)
     check_equal_work(layers.bd, layers.peft_layer, x, gy, TOLERANCE[env.dtype])
-    steps = variant_steps(layers, x, gy)
+    steps = variant_steps(layers, x, gy, case.role, case.tp)
     compiled = compiler.step(layers, x, gy)
     if compiled is not None:
         steps["bdlora_compiled"] = compiled
@@ -482,10 +514,10 @@ def layer_row(case: LayerCase, tokens: int, ms: dict[str, float]) -> dict[str, A
     )
     row = {k: v.value if isinstance(v, Role) else v for k, v in asdict(case).items()}
     row.update(tokens=tokens, rank_local=case.rank_local, blocks_local=case.blocks_local)
-    for name in ("base", "lora", "peft_bdlora", "bdlora", "bdlora_compiled"):
+    for name in ("base", "replicated", "slora", "peft_bdlora", "bdlora", "bdlora_compiled"):
         row[f"ms_{name}"] = ms.get(name)
     row["tflops_bdlora"] = flops / (ms["bdlora"] * 1e-3) / 1e12
-    for name in ("lora", "peft_bdlora", "bdlora"):
+    for name in ("replicated", "slora", "peft_bdlora", "bdlora"):
         row[f"overhead_{name}"] = ms[name] / ms["base"] - 1
     row["bdlora_over_peft"] = ms["bdlora"] / ms["peft_bdlora"]
     return row
@@ -500,13 +532,15 @@ LAYER_COLUMNS = [
     ("rank_local", "r/shard", "{}"),
     ("blocks", "blocks local/N", "{}"),
     ("ms_base", "base ms", "{:.3f}"),
-    ("ms_lora", "lora ms", "{:.3f}"),
+    ("ms_replicated", "replicated ms", "{:.3f}"),
+    ("ms_slora", "S-LoRA ms", "{:.3f}"),
     ("ms_peft_bdlora", "peft ms", "{:.3f}"),
     ("ms_bdlora", "bdlora ms", "{:.3f}"),
     ("ms_bdlora_compiled", "compiled ms", "{:.3f}"),
     ("tflops_bdlora", "bdlora TFLOP/s", "{:.3g}"),
     ("overhead_bdlora", "bdlora/base-1", "{:+.3f}"),
-    ("overhead_lora", "lora/base-1", "{:+.3f}"),
+    ("overhead_replicated", "replicated/base-1", "{:+.3f}"),
+    ("overhead_slora", "S-LoRA/base-1", "{:+.3f}"),
     ("overhead_peft_bdlora", "peft/base-1", "{:+.3f}"),
     ("bdlora_over_peft", "bdlora/peft", "{:.3f}"),
 ]
