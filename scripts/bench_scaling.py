@@ -45,6 +45,10 @@ matplotlib.use("Agg")
 from matplotlib import pyplot as plt  # noqa: E402  (after the backend is chosen)
 
 MODES = ("base", "bdlora")
+# The TP sweep also times the dense-LoRA shardings, at the same rank R (their parameter count is
+# BD-LoRA's plus its block-diagonal factor's dense remainder).
+TP_MODES = ("base", "bdlora", "slora", "replicated")
+LABELS = {"base": "base", "bdlora": "BD-LoRA", "slora": "S-LoRA", "replicated": "replicated"}
 # sweep name -> (the ModelArgs field it moves, axis label)
 SWEEPS = {
     "seq": ("seq", "sequence length"),
@@ -106,11 +110,16 @@ def check_sweeps(args: argparse.Namespace) -> None:
 
 
 # -- one point -----------------------------------------------------------------------------------
-def measure_point(m: ModelArgs, mesh: DeviceMesh | None, warmup: int, reps: int) -> dict:
-    """This rank's step times (s) and bytes for the base and the BD-LoRA model at ``m``."""
+def measure_point(
+    m: ModelArgs, mesh: DeviceMesh | None, warmup: int, reps: int, modes: tuple[str, ...] = MODES
+) -> dict:
+    """This rank's step times (s) and bytes for the base and each adapted model at ``m``."""
     tokens = benchlib.token_batch(m)
     models = {
-        mode: benchlib.build_llama(m, mesh, adapter=mode == "bdlora", embed_grad=True) for mode in MODES
+        mode: benchlib.build_llama(
+            m, mesh, adapter=mode != "base", embed_grad=True, sharding="bdlora" if mode == "base" else mode
+        )
+        for mode in modes
     }
     out = {
         f"act_{mode}": benchlib.saved_bytes(model, tokens).activation_bytes for mode, model in models.items()
@@ -120,18 +129,22 @@ def measure_point(m: ModelArgs, mesh: DeviceMesh | None, warmup: int, reps: int)
         steps[mode], optimizers[mode] = benchlib.make_train_step(model, tokens)
     barrier = dist.barrier if mesh is not None else None
     out["times"] = benchlib.time_interleaved(steps, warmup, reps, barrier)
-    factors = benchlib.adapter_factors(models["bdlora"])
-    out["adapter_opt"] = benchlib.tensor_bytes(factors) + benchlib.optimizer_state_bytes(optimizers["bdlora"])
+    for mode in modes[1:]:
+        factors = benchlib.adapter_factors(models[mode])
+        opt = benchlib.optimizer_state_bytes(optimizers[mode])
+        out[f"adapter_opt_{mode}"] = benchlib.tensor_bytes(factors) + opt
+    out["adapter_opt"] = out["adapter_opt_bdlora"]
     return out
 
 
 def summarize(per_rank: list[dict]) -> dict:
     """One point from every rank's measurements: the slowest rank per repetition, the largest bytes."""
-    point = {key: max(r[key] for r in per_rank) for key in ("act_base", "act_bdlora", "adapter_opt")}
-    for mode in MODES:
+    point = {key: max(r[key] for r in per_rank) for key in per_rank[0] if key != "times"}
+    for mode in per_rank[0]["times"]:
         slowest = [max(ts) for ts in zip(*(r["times"][mode] for r in per_rank))]
         point[f"{mode}_ms"] = benchlib.median_ms(slowest)
-    point["ratio"] = point["bdlora_ms"] / point["base_ms"]
+        point[f"ratio_{mode}"] = point[f"{mode}_ms"] / point["base_ms"] if mode != "base" else 1.0
+    point["ratio"] = point["ratio_bdlora"]
     return point
 
 
@@ -139,7 +152,7 @@ def run_worker(args: argparse.Namespace) -> None:
     world = init_distributed()
     torch.set_num_threads(1)
     mesh = build_mesh(ParallelDims(world, tp=world))
-    result = measure_point(benchlib.model_args(args), mesh, args.warmup, args.reps)
+    result = measure_point(benchlib.model_args(args), mesh, args.warmup, args.reps, TP_MODES)
     benchlib.write_rank0(args.worker_result, summarize(benchlib.gather(result)))
 
 
@@ -178,19 +191,38 @@ def table(label: str, points: list[dict]) -> str:
     return benchlib.markdown_table([label, *COLUMNS], rows)
 
 
+def tp_table(points: list[dict]) -> str:
+    """The TP sweep: every sharding's step time, its ratio to the base, and its adapter + AdamW."""
+    adapted = TP_MODES[1:]
+    header = ["TP degree", "base ms"]
+    header += [f"{LABELS[m]} ms (/ base)" for m in adapted]
+    header += [f"adapter + AdamW MiB/rank: {' / '.join(LABELS[m] for m in adapted)}"]
+    rows = [
+        [p["x"], f"{p['base_ms']:.1f}"]
+        + [f"{p[f'{m}_ms']:.1f} ({p[f'ratio_{m}']:.2f})" for m in adapted]
+        + [" / ".join(f"{p[f'adapter_opt_{m}'] / MiB:.3f}" for m in adapted)]
+        for p in points
+    ]
+    return benchlib.markdown_table(header, rows)
+
+
 def plot(label: str, points: list[dict], path: Path) -> None:
     """Step time, overhead ratio and memory against the swept quantity, side by side."""
     x = [p["x"] for p in points]
     fig, (ax_ms, ax_ratio, ax_mem) = plt.subplots(1, 3, figsize=(13, 3.8), constrained_layout=True)
+    adapted = [m for m in TP_MODES[1:] if f"{m}_ms" in points[0]]
     ax_ms.plot(x, [p["base_ms"] for p in points], "o-", label="frozen base")
-    ax_ms.plot(x, [p["bdlora_ms"] for p in points], "s-", label="BD-LoRA")
+    for mode, marker in zip(adapted, "s^v"):
+        ax_ms.plot(x, [p[f"{mode}_ms"] for p in points], f"{marker}-", label=LABELS[mode])
+        ax_ratio.plot(x, [p[f"ratio_{mode}"] for p in points], f"{marker}-", label=LABELS[mode])
     ax_ms.set(ylabel="median step time (ms)", title="step time")
-    ax_ratio.plot(x, [p["ratio"] for p in points], "o-", color="C2")
     ax_ratio.axhline(1.0, color="grey", lw=0.8, ls="--")
-    ax_ratio.set(ylabel="BD-LoRA / base", title="step-time overhead")
+    ax_ratio.set(ylabel="adapted / base", title="step-time overhead")
     ax_mem.plot(x, [p["act_base"] / MiB for p in points], "o-", label="saved activations, base")
     ax_mem.plot(x, [p["act_bdlora"] / MiB for p in points], "s-", label="saved activations, BD-LoRA")
-    ax_mem.plot(x, [p["adapter_opt"] / MiB for p in points], "^-", label="adapter + AdamW state")
+    for mode in adapted:
+        adapter_mib = [p[f"adapter_opt_{mode}"] / MiB for p in points]
+        ax_mem.plot(x, adapter_mib, "^-", label=f"{LABELS[mode]} + AdamW")
     ax_mem.set(ylabel="MiB per rank", title="memory")
     for ax in (ax_ms, ax_ratio, ax_mem):
         ax.set_xscale("log", base=2)
@@ -198,6 +230,7 @@ def plot(label: str, points: list[dict], path: Path) -> None:
         ax.set_xlabel(label)
         ax.grid(alpha=0.3)
     ax_ms.legend()
+    ax_ratio.legend(fontsize="small")
     ax_mem.legend(fontsize="small")
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -222,7 +255,7 @@ def run_launcher(args: argparse.Namespace, argv: list[str]) -> None:
     labels = {name: label for name, (_, label) in SWEEPS.items()} | {"tp": "TP degree"}
     for name, points in sweeps.items():
         print(f"\n{labels[name]} sweep:")
-        print(table(labels[name], points))
+        print(tp_table(points) if name == "tp" else table(labels[name], points))
         plot(labels[name], points, out_dir / f"scaling_{name}.png")
     print(f"\nwrote {', '.join(f'scaling_{name}.png' for name in sweeps)} to {out_dir}")
     if args.json:

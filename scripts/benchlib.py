@@ -19,7 +19,7 @@ import statistics
 import subprocess
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -109,18 +109,22 @@ def build_llama(
     embed_grad: bool = False,
     vocab_parallel: bool = False,
     sequence_parallel: bool = False,
+    sharding: str = "bdlora",
 ) -> nn.Module:
     """A seeded Llama (equal base weights whatever the adapter), sharded over ``mesh`` when given,
-    with a BD-LoRA adapter on q, k, v, o, gate, up and down when ``adapter``.
+    with an adapter on q, k, v, o, gate, up and down when ``adapter``: BD-LoRA, or under
+    ``sharding="slora"`` / ``"replicated"`` dense LoRA of the same rank.
 
     ``embed_grad``: the embedding weight requires grad, so that backward runs through every block
     even without an adapter (scripts/bench_tp.py does the same for its base mode).
     ``vocab_parallel``, ``sequence_parallel``: the layout, as ``parallelize`` takes it (with a mesh)."""
     model = llama(m)
     if mesh is not None:
-        parallelize(model, mesh, vocab_parallel=vocab_parallel, sequence_parallel=sequence_parallel)
+        parallel = dict(vocab_parallel=vocab_parallel, sequence_parallel=sequence_parallel)
+        parallelize(model, mesh, sharding=sharding, **parallel)
     if adapter:
-        apply_bdlora(model, adapter_config(m))
+        dense = sharding != "bdlora"
+        apply_bdlora(model, adapter_config(replace(m, nblocks=1) if dense else m))
     model.get_input_embeddings().weight.requires_grad_(embed_grad)
     return model
 

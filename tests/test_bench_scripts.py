@@ -147,6 +147,11 @@ def test_bench_scaling_quick_writes_four_plots(tmp_path):
     steps = FP32 * 2 * 7 * 1  # --quick: one layer
     (tp2,) = sweeps["tp"]
     assert 2 * tp2["adapter_opt"] - by_rank[16] == steps
+    # the TP sweep also times the dense shardings at the same rank: each holds more per rank
+    assert all(tp2[f"{mode}_ms"] > 0 for mode in ("slora", "replicated"))
+    assert tp2["adapter_opt_replicated"] > tp2["adapter_opt_slora"] > tp2["adapter_opt_bdlora"]
+    header = "| TP degree | base ms | BD-LoRA ms (/ base) | S-LoRA ms (/ base) | replicated ms (/ base) |"
+    assert header in printed
 
 
 @pytest.mark.slow
