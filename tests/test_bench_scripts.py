@@ -102,6 +102,13 @@ def test_scaling_options():
         bench_scaling.check_sweeps(bench_scaling.parse_args(["--quick", "--tps", "3"]))
 
 
+def run_script(cmd: list[str]) -> str:
+    """The script's stdout; on failure its stderr too (a torchrun job's traceback)."""
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=600)
+    assert done.returncode == 0, f"{cmd[1]} exited {done.returncode}:\n{done.stderr[-4000:]}"
+    return done.stdout
+
+
 # -- tier 2: the scripts' own torchrun jobs ----------------------------------------------------------
 @pytest.mark.slow
 def test_bench_memory_at_tp2_shards_as_the_config_says(tmp_path):
@@ -162,7 +169,7 @@ def test_bench_moe_tiny_prints_three_variants_and_a_finite_overhead():
     tiny = dict(hidden=32, layers=1, heads=4, experts=4, vocab=64, seq=16, batch=2, rank=4)
     tiny.update({"kv-heads": 4, "moe-intermediate": 32, "steps": 2, "warmup": 1})
     cmd = [sys.executable, str(SCRIPTS / "bench_moe.py"), *(f"--{k}={v}" for k, v in tiny.items())]
-    printed = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=120).stdout
+    printed = run_script(cmd)
     assert printed.startswith("$ python ")
     rows = [line for line in printed.splitlines() if line.startswith("| ")]
     labels = [row.split(" | ")[0].removeprefix("| ") for row in rows[1:]]
@@ -194,7 +201,7 @@ def test_bench_tp_tiny_compares_replicated_with_bdlora_and_slora():
         "2",
         *(f"--{k}={v}" for k, v in tiny.items()),
     ]
-    printed = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=120).stdout
+    printed = run_script(cmd)
     assert printed.startswith("$ python ")
     rows = {  # the communication table's
         line.split(" | ")[0].removeprefix("| "): line for line in printed.splitlines() if " coll, " in line
