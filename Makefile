@@ -65,7 +65,7 @@ demo-single: $(STAMP)
 
 # Each benchmark prints its ratios measured side by side in one run (docs/benchmarks.md has the
 # results and the command for each table). CPU, about 15 minutes on 2 cores.
-bench: $(STAMP)
+bench: $(STAMP) $(SERVE_STAMP)
 	$(BIN)/python scripts/bench_tp.py --tp 2
 	$(BIN)/python scripts/bench_tp.py --tp 4
 	$(BIN)/python scripts/profile_adapter.py --tp 2
@@ -77,6 +77,7 @@ bench: $(STAMP)
 	$(BIN)/python scripts/bench_moe.py
 	$(BIN)/python scripts/bench_moe.py --tp 2 --ep 2
 	$(BIN)/python scripts/bench_moe.py --tp 2 --ep 1
+	$(BIN)/python scripts/bench_serve.py
 
 # On a machine with an NVIDIA GPU: the layer and 1B-step benchmark in bf16.
 bench-gpu: $(STAMP)
