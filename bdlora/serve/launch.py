@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from bdlora.serve.vllm_plugin import bdlora_nblocks
 from bdlora.train.export import ExportError, open_run, staged_dir
 from bdlora.train.modeling import resolve_model_dir
 
@@ -30,9 +31,8 @@ def vllm_max_lora_rank(rank: int) -> int:
 
 
 def check_tp(adapter: Path, config: dict, tp: int) -> None:
-    bd = config.get("use_bdlora") or {}
-    nblocks = int(bd.get("nblocks", 1)) if bd else 1
-    if tp < 1 or (bd and nblocks % tp):
+    nblocks = bdlora_nblocks(config) or 1  # the plugin's reading of use_bdlora; dense: any degree
+    if tp < 1 or (nblocks > 1 and nblocks % tp):
         raise ExportError(
             f"--tp {tp}: adapter {adapter} is BD-LoRA with nblocks={nblocks}, which serves at a "
             f"tensor-parallel degree dividing {nblocks}"

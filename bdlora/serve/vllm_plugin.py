@@ -76,16 +76,18 @@ def bdlora_nblocks(config: dict) -> int | None:
 
 
 def check_adapter(adapter: str, config: dict, tp: int, fully_sharded: bool) -> None:
-    """Refuse, before any weight is read, a BD-LoRA adapter this engine cannot serve."""
+    """Refuse, before any weight is read, a BD-LoRA adapter this engine cannot serve (``adapter``:
+    its path, or "" where only its config is known)."""
     nblocks = bdlora_nblocks(config)
     if nblocks is None:
         return
+    where = f"LoRA adapter {adapter}" if adapter else "LoRA adapter"
     if fully_sharded:
         raise BlockLayoutError(
-            f"LoRA adapter {adapter} is BD-LoRA (nblocks={nblocks}); fully_sharded_loras=True "
+            f"{where} is BD-LoRA (nblocks={nblocks}); fully_sharded_loras=True "
             "replaces the layers that serve it. Serve BD-LoRA without fully_sharded_loras."
         )
-    check_shards(f"LoRA adapter {adapter}", nblocks, tp)
+    check_shards(where, nblocks, tp)
 
 
 def _read_config(path: str) -> dict:
