@@ -107,8 +107,11 @@ class _BlockDiagonalLoRA:
     is_row = False
 
     def create_lora_weights(self, max_loras, lora_config, model_config=None) -> None:
+        from vllm.platforms import current_platform
+
         super().create_lora_weights(max_loras, lora_config, model_config)
         self._enable_aux_cuda_stream = False  # both passes go through _apply_lora_to_output
+        self._update_inplace = current_platform.can_update_inplace()  # asked once, not per forward
         rank = max(local_rank_dim(lora_config.max_lora_rank, self.slice_shard(s)[1]) for s in self._slices())
         shape = (max_loras, 1)
         kw = {"dtype": lora_config.lora_dtype, "device": self.device}
@@ -184,15 +187,13 @@ class _BlockDiagonalLoRA:
         return output
 
     def _lora_pass(self, x, output, a_stacked, b_stacked) -> torch.Tensor:
-        from vllm.platforms import current_platform
-
         shape = output.shape
         x_2d = x.reshape(-1, x.shape[-1])  # (tokens, d_in or d_in/t)
         out_2d = output.view(-1, shape[-1])  # (tokens, d_out or d_out/t)
         result = self.punica_wrapper.add_lora_linear(
             out_2d, x_2d, a_stacked, b_stacked, 1.0, self.output_slices
         )
-        if not current_platform.can_update_inplace():
+        if not self._update_inplace:
             out_2d = result
         return out_2d.view(shape)
 
