@@ -69,6 +69,9 @@ bench: $(STAMP) $(SERVE_STAMP)
 	$(BIN)/python scripts/bench_tp.py --tp 2
 	$(BIN)/python scripts/bench_tp.py --tp 4
 	$(BIN)/python scripts/profile_adapter.py --tp 2
+	$(BIN)/python scripts/profile_adapter.py --tp 4
+	$(BIN)/python scripts/bench_kernels.py --tp 2
+	$(BIN)/python scripts/bench_kernels.py --tp 4
 	$(BIN)/python scripts/bench_tp1.py
 	$(BIN)/python scripts/bench_memory.py
 	$(BIN)/python scripts/bench_scaling.py

@@ -49,30 +49,35 @@ class _LoraLinear(torch.autograd.Function):
     forward (``addmm_`` into the base output, the scale on the GEMM's alpha) and the extra
     (tokens, d_in) pass that accumulates the adapter's input gradient (``addmm_`` into the base's).
 
+    Every product with a rank-sized side is computed with the rank as its output's rows
+    (``h^T = A x^T``, ``B^T grad^T``, ``h^T grad``) and transposed as a view: a CPU BLAS picks a slow
+    kernel for an output only r columns wide (3-4x at r = 8); on a GPU the two are one GEMM with
+    other transpose flags.
+
     ==========  ==================  ===================================
     x           (T, d_in)           saved (the base linear saves it too)
     W, A, B     (d_out, d_in), (r, d_in), (d_out, r)
-    h = x A^T   (T, r)              saved
+    h^T = A x^T (r, T)              saved
     ==========  ==================  ===================================
     """
 
     @staticmethod
     def forward(ctx, x, w, a, b, scale: float):
-        h = x @ a.t()  # (T, r)
-        out = (x @ w.t()).addmm_(h, b.t(), alpha=scale)  # (T, d_out)
-        ctx.save_for_backward(x, w, a, b, h)
+        h_t = a @ x.t()  # (r, T)
+        out = (x @ w.t()).addmm_(h_t.t(), b.t(), alpha=scale)  # (T, d_out)
+        ctx.save_for_backward(x, w, a, b, h_t)
         ctx.scale = scale
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, w, a, b, h = ctx.saved_tensors
-        grad_h = (grad_out @ b).mul_(ctx.scale)  # (T, r)
+        x, w, a, b, h_t = ctx.saved_tensors
+        grad_h_t = (b.t() @ grad_out.t()).mul_(ctx.scale)  # (r, T)
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = (grad_out @ w).addmm_(grad_h, a)  # (T, d_in)
-        grad_a = grad_h.t() @ x if ctx.needs_input_grad[2] else None  # (r, d_in)
-        grad_b = (grad_out.t() @ h).mul_(ctx.scale) if ctx.needs_input_grad[3] else None  # (d_out, r)
+            grad_x = (grad_out @ w).addmm_(grad_h_t.t(), a)  # (T, d_in)
+        grad_a = grad_h_t @ x if ctx.needs_input_grad[2] else None  # (r, d_in)
+        grad_b = (h_t @ grad_out).mul_(ctx.scale).t() if ctx.needs_input_grad[3] else None  # (d_out, r)
         return grad_x, None, grad_a, grad_b, None
 
 
@@ -239,9 +244,11 @@ class BDLoraLinear(nn.Module):
     layout; ``weight`` is always the ``(d_out, d_in)`` view, which all math reads and merging writes.
     """
 
-    # Forward and backward through ``_LoraLinear`` where it applies; False: autograd over the
+    # Forward and backward through ``fused_kernel`` where it applies; False: autograd over the
     # separate ops (``lora_delta``), the reference the fused path is tested and profiled against.
     fused: bool = True
+    # (x, W, A, B, scale) -> x W^T + scale (x A^T) B^T; a benchmark may set another on a layer
+    fused_kernel: type[torch.autograd.Function] = _LoraLinear
 
     def __init__(self, base_layer: nn.Module, role: Role) -> None:
         super().__init__()
@@ -422,7 +429,7 @@ class BDLoraLinear(nn.Module):
     def _fused_forward(self, x: torch.Tensor, name: str) -> torch.Tensor:
         x_2d = x.reshape(-1, x.shape[-1])  # (T, d_in)
         a, b = self.lora_A[name], self.lora_B[name]
-        out = _LoraLinear.apply(x_2d, self.weight, a, b, self.scaling[name])  # (T, d_out)
+        out = self.fused_kernel.apply(x_2d, self.weight, a, b, self.scaling[name])  # (T, d_out)
         return out.view(*x.shape[:-1], out.shape[-1])
 
     def add_bias(self, out: torch.Tensor) -> torch.Tensor:

@@ -109,6 +109,22 @@ def run_script(cmd: list[str]) -> str:
     return done.stdout
 
 
+def test_bench_kernels_checks_every_kernel_against_the_separate_ops_before_timing():
+    """scripts/bench_kernels.py refuses to time kernels whose output or gradients differ from the
+    separate ops' (its own assert), and prints a row per layer and one for the block."""
+    cmd = [sys.executable, str(SCRIPTS / "bench_kernels.py"), "--hidden=64", "--intermediate=128"]
+    printed = run_script([*cmd, "--tokens=32", "--reps=2", "--tp=4"])
+    rows = [line for line in printed.splitlines() if line.startswith("| ") and "x)" in line]
+    assert [row.split(" (")[0] for row in rows] == [
+        "| q/k/v_proj",
+        "| o_proj",
+        "| gate/up_proj",
+        "| down_proj",
+        "| one block",
+    ]
+    assert "| q/k/v_proj (64 x 16) | 46.9% |" in rows[0]  # rank 16/4 = 4: 6 * 4 * 80 / (4 * 64 * 16)
+
+
 # -- tier 2: the scripts' own torchrun jobs ----------------------------------------------------------
 @pytest.mark.slow
 def test_bench_memory_at_tp2_shards_as_the_config_says(tmp_path):
