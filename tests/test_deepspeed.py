@@ -1,7 +1,9 @@
 """DeepSpeed as the training engine (real DeepSpeed, ``DS_ACCELERATOR=cpu``, gloo), against the native
 engine: the same per-step losses and final adapter at DP 2, TP 2 and DP 2 x TP 2 under ZeRO 1 and 2
 (clipping engaged), ZeRO 3 at DP 2 and its resume, a killed ZeRO 2 run resumed, the adapter adding
-no TP collective, and ``launch/deepspeed.sh``.
+no TP collective, the ``replicated`` sharding at TP 2 and DP 2 x TP 2 under ZeRO 1 and 2 (its whole
+factors' gradients summed over TP in backward, before DeepSpeed reduces them), and
+``launch/deepspeed.sh``.
 
 DeepSpeed compiles a CPU communication op on first use; ``TORCH_EXTENSIONS_DIR`` (set in
 tests/conftest.py to ``<venv>/torch_extensions``) keeps it for later runs.
@@ -9,6 +11,7 @@ tests/conftest.py to ``<venv>/torch_extensions``) keeps it for later runs.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -46,7 +49,7 @@ ARGS = [
     "checkpoint.every=2",
     "checkpoint.keep_last=0",
 ]
-LAYOUTS = {"dp2": (2, 1), "tp2": (2, 2), "dp2xtp2-vocab-sequence": (4, 2)}
+LAYOUTS = {"dp2": (2, 1), "tp2": (2, 2), "dp2xtp2-vocab-sequence": (4, 2), "dp2xtp2": (4, 2)}
 # the vocabulary- and sequence-parallel layout under ZeRO: the same trajectory as the others
 VOCAB_SEQUENCE = ["parallel.vocab_parallel=true", "parallel.sequence_parallel=true"]
 
@@ -62,7 +65,17 @@ def final_adapter(run_dir: Path) -> dict[str, torch.Tensor]:
     return adapter_state(complete_checkpoints(run_dir / "checkpoints")[-1])
 
 
-def assert_same_run(got: Path, expected: Path, name: str, same_tp: Path | None = None) -> None:
+def exported_adapter(run_dir: Path) -> dict[str, torch.Tensor]:
+    """The adapter the run exported at its end (PEFT's plain LoRA for ``replicated``, whose sharded
+    checkpoint loads only into a model sharded the same way)."""
+    from safetensors.torch import load_file
+
+    return load_file(run_dir / "adapter" / "adapter_model.safetensors")
+
+
+def assert_same_run(
+    got: Path, expected: Path, name: str, same_tp: Path | None = None, adapter_of=final_adapter
+) -> None:
     """Losses and grad norms as the one-process native run ``expected``; the final adapter as the
     native run at the same TP degree (``same_tp``, default ``expected``): TP changes the order of
     the sums, and AdamW normalises each element's gradient, so across TP degrees rounding noise on
@@ -76,8 +89,9 @@ def assert_same_run(got: Path, expected: Path, name: str, same_tp: Path | None =
     torch.testing.assert_close(
         by_step(read_metrics(got), "grad_norm"), norms, rtol=1e-5, atol=1e-6, msg=f"{name} grad norms"
     )
-    reference_adapter = final_adapter(same_tp or expected)
-    for key, value in final_adapter(got).items():
+    reference_adapter, adapter = adapter_of(same_tp or expected), adapter_of(got)
+    assert adapter and adapter.keys() == reference_adapter.keys(), name
+    for key, value in adapter.items():
         torch.testing.assert_close(value, reference_adapter[key], atol=1e-5, rtol=1e-5, msg=f"{name} {key}")
 
 
@@ -89,6 +103,13 @@ def native(tmp_path_factory) -> dict[str, Path]:
         "reference": trained(tmp, "reference", 1, "parallel.tp=1", "data.micro_batch_size=8"),
         "tp2": trained(tmp, "tp2", 2, "parallel.tp=2", "data.micro_batch_size=8"),
     }
+
+
+@pytest.fixture(scope="module")
+def native_replicated(tmp_path_factory) -> Path:
+    """The native engine with the ``replicated`` sharding at TP 2 (its bucketed TP sum), whole batch."""
+    tmp = tmp_path_factory.mktemp("native-replicated")
+    return trained(tmp, "tp2", 2, "parallel.tp=2", "parallel.sharding=replicated", "data.micro_batch_size=8")
 
 
 # --- tier 1: the config the trainer derives ------------------------------------------------------
@@ -233,3 +254,36 @@ def test_a_deepspeed_checkpoint_resumes_only_at_its_layout(tmp_path):
     (tmp_path / "deepspeed").rmdir()
     with pytest.raises(CheckpointDamaged, match="written by the native engine"):
         checkpointer._restore_engine(tmp_path, {"world_size": 2, "tp": 1})
+
+
+# Both layouts under both stages. ZeRO 1 reduces the gradients in engine.backward; ZeRO 2 in its
+# post-accumulate-grad hooks whenever a bucket fills, here in mid-backward (buckets of 1000 elements, a
+# factor has 512), and with the optimizer offloaded it then copies each reduced gradient out and
+# takes its norm: a TP sum after backward (the native engine's) would be lost, silently.
+REDUCE_IN_BACKWARD = [
+    "+deepspeed.config.zero_optimization.reduce_bucket_size=1000",
+    "+deepspeed.config.zero_optimization.offload_optimizer={device: cpu}",
+    "+deepspeed.config.zero_force_ds_cpu_optimizer=false",  # offload with the trainer's torch AdamW
+]
+REPLICATED_CASES = [("tp2", 1), ("tp2", 2), ("dp2xtp2", 1), ("dp2xtp2", 2)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("layout", "stage"), REPLICATED_CASES)
+def test_replicated_sharding_under_zero_matches_the_native_engine(native_replicated, tmp_path, layout, stage):
+    """The losses, grad norms (clipping engaged: the replicated factors counted once, the sharded
+    ones over TP) and final adapter of the native engine's ``replicated`` run."""
+    nproc, tp = LAYOUTS[layout]
+    micro = 8 // (nproc // tp)
+    ds_args = ["parallel.engine=deepspeed", f"deepspeed=zero{stage}", f"parallel.tp={tp}"]
+    ds_args += REDUCE_IN_BACKWARD if stage == 2 else []
+    run = trained(
+        tmp_path, "ds", nproc, *ds_args, "parallel.sharding=replicated", f"data.micro_batch_size={micro}"
+    )
+    assert_same_run(run, native_replicated, f"replicated {layout} zero{stage}", adapter_of=exported_adapter)
+    # one all-reduce per whole factor in backward for the native engine's one flat one
+    factors = len(json.loads((run / "plan.json").read_text())["modules"])
+    first, expected = read_metrics(run)[0], read_metrics(native_replicated)[0]
+    assert first["tp_collectives"] == expected["tp_collectives"] - 1 + factors, (first, expected, factors)
+    if layout == "tp2":  # the same rows per rank: the same bytes
+        assert first["tp_bytes"] == expected["tp_bytes"]

@@ -2,7 +2,9 @@
 TP 4 and DP 2 x TP 2 against one process (tier 2).
 
 Column layers hold A whole and B's rows; row layers A's columns and B whole. Forward adds no
-collective; the whole factors' partial gradients are summed over TP in one all-reduce per backward.
+collective; the whole factors' partial gradients are summed over TP in one all-reduce per backward,
+or, built for another engine's DP (``data_parallel=False``, DeepSpeed), one per factor as each
+gradient is ready (tests/test_deepspeed.py trains it under ZeRO).
 """
 
 from __future__ import annotations
@@ -31,10 +33,10 @@ def batch() -> torch.Tensor:
     return torch.randint(0, 256, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
 
 
-def build(mesh) -> torch.nn.Module:
+def build(mesh, data_parallel: bool = True) -> torch.nn.Module:
     model = tiny_model("tiny-llama").train()
     if mesh is not None:
-        parallelize(model, mesh, sharding="replicated")
+        parallelize(model, mesh, sharding="replicated", data_parallel=data_parallel)
     torch.manual_seed(0)
     apply_bdlora(model, CONFIG)
     generator = torch.Generator().manual_seed(1)
@@ -54,10 +56,10 @@ def unsharded(model, grads: bool = False) -> dict[str, tuple[torch.Tensor, torch
     return out
 
 
-def run(tp: int, save_dir: str | None = None) -> dict:
+def run(tp: int, save_dir: str | None = None, data_parallel: bool = True) -> dict:
     """One counted step, then AdamW for ``STEPS`` steps; with DP, each replica its half of the batch."""
     mesh = None if tp == 1 else build_mesh(ParallelDims(dist.get_world_size(), tp=tp))
-    model = build(mesh)
+    model = build(mesh, data_parallel)
     ids = batch()
     dp = 1 if mesh is None else dist.get_world_size() // tp
     if dp > 1:
@@ -72,6 +74,7 @@ def run(tp: int, save_dir: str | None = None) -> dict:
     out["forward"], out["step"] = forward, comm.summary().get("tp", {"count": 0, "bytes": 0})
     out["loss"], out["grads"] = loss.detach(), unsharded(model, grads=True)
     out["replicated_bytes"] = sum(p.numel() * p.element_size() for p in replicated_factors(model))
+    out["replicated_count"] = len(replicated_factors(model))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
     for _ in range(STEPS):
         optimizer.step()
@@ -150,6 +153,26 @@ def test_no_sync_defers_the_tp_sum_to_the_last_micro_batch(reference_accumulated
         for name, (grad_a, grad_b) in reference_accumulated.items():
             close(res["grads"][name][0], grad_a, f"rank {rank} accumulated grad A of {name}")
             close(res["grads"][name][1], grad_b, f"rank {rank} accumulated grad B of {name}")
+
+
+def test_summing_each_gradient_as_it_is_ready_matches_one_process(reference):
+    """``data_parallel=False`` (DeepSpeed's layout): each whole factor's gradient is summed over TP
+    before it is accumulated, one all-reduce per factor, the same bytes as the flat one."""
+    for rank, res in enumerate(run_distributed(run, 2, 2, None, False)):
+        close(res["loss"], reference["loss"], f"rank {rank} loss")
+        for name, (grad_a, grad_b) in reference["grads"].items():
+            close(res["grads"][name][0], grad_a, f"rank {rank} grad A of {name} (summed in backward)")
+            close(res["grads"][name][1], grad_b, f"rank {rank} grad B of {name}")
+        for name, (a, b) in reference["factors"].items():
+            close(res["factors"][name][0], a, f"rank {rank} A of {name} after {STEPS} AdamW steps")
+            close(res["factors"][name][1], b, f"rank {rank} B of {name} after {STEPS} AdamW steps")
+        blocks = 2 * 2
+        assert (
+            res["replicated_count"] == 2 * 7
+        )  # tiny-llama: 2 layers x 7 adapted linears, one whole factor each
+        assert res["step"]["count"] == 2 * blocks - 1 + res["replicated_count"], res["step"]
+        hidden_tokens_bytes = BATCH * SEQ * 64 * 4
+        assert res["step"]["bytes"] == (2 * blocks - 1) * hidden_tokens_bytes + res["replicated_bytes"]
 
 
 def test_the_saved_adapter_is_plain_lora_that_peft_loads(tmp_path):

@@ -59,10 +59,6 @@ def test_out_of_range_settings_name_the_key(key, value, message):
             "data.seq_len=126 is not divisible by parallel.tp=4; use a multiple of 4",
         ),
         (dict(tp=4, ep=3), r"parallel.ep=3: .* must divide parallel.tp=4; valid: \[1, 2, 4\]"),
-        (
-            dict(tp=2, sharding="replicated", engine="deepspeed"),
-            "parallel.sharding=replicated with parallel.engine=deepspeed",
-        ),
     ],
 )
 def test_layout_settings_are_checked_first(settings, message):

@@ -20,7 +20,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from bdlora.config import BDLoraConfig, BDLoraConfigError
 from bdlora.experts import experts_modules
 from bdlora.parallel.comm import TPGroup
-from bdlora.parallel.data_parallel import GradientAverager, skip_grad_sync
+from bdlora.parallel.data_parallel import EagerGradientSum, GradientAverager, skip_grad_sync
 from bdlora.parallel.mesh import check_in, on_all_ranks
 from bdlora.parallel.placement import BlockBoundary, BlockSpec, format_blocks
 from bdlora.parallel.sequence import SequenceParallel, apply_sequence_parallel_, decoder_parts
@@ -46,7 +46,9 @@ class ParallelState:
     ``tp``: the TP group and this rank's place in it; ``sharding_class``: the adapter sharding
     (``BDLoraTP`` or ``SLoraTP``); ``blocks``: the boundaries where f and g run; ``layouts``: the
     sharded linear layers' layouts; ``dp_group``: the group adapter gradients are averaged over
-    (None at DP 1).
+    (None at DP 1). ``replicated`` at TP > 1 sums its whole factors' partial gradients over TP in
+    ``tp_grads`` (one flat all-reduce after backward), or, with ``data_parallel=False``, in
+    ``tp_grad_hooks`` (each gradient before it is accumulated, for an engine that reduces it then).
     """
 
     mesh: DeviceMesh | None
@@ -62,6 +64,7 @@ class ParallelState:
     activation_checkpointing: bool = False
     grads: GradientAverager | None = None
     tp_grads: GradientAverager | None = None  # ``replicated``: its whole factors' partial gradients
+    tp_grad_hooks: EagerGradientSum | None = None  # the same, per gradient (``data_parallel=False``)
     vocab: VocabShard | None = None
     sequence: SequenceParallel | None = None
 
@@ -146,7 +149,10 @@ def parallelize(
     ``"slora"`` for the dense S-LoRA baseline. ``tp_plan``: module pattern -> TP style, in the form
     of transformers' ``base_model_tp_plan``, for a model whose config has none (or to replace it);
     it becomes the config's plan. ``data_parallel=False`` leaves step 3 to another
-    engine (DeepSpeed's ZeRO). Everything is validated before any weight moves.
+    engine (DeepSpeed's ZeRO), which may reduce each gradient as soon as it is ready: ``replicated``
+    then sums its whole factors' gradients over TP one by one before they are accumulated
+    (``sum_grads_in_backward``; every backward, ``no_sync`` or not) instead of in one all-reduce
+    after backward. Everything is validated before any weight moves.
     Issues no collective itself; replicas must start from equal weights (``apply_bdlora`` draws the
     same factors on every rank from the same seed).
     """
@@ -183,8 +189,10 @@ def parallelize(
     if activation_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         parallel.activation_checkpointing = True
-    if cls is ReplicatedTP and tp.size > 1:  # one summed all-reduce per backward, skipped by no_sync
+    if cls is ReplicatedTP and tp.size > 1 and data_parallel:  # one sum per backward, skipped by no_sync
         parallel.tp_grads = GradientAverager(model, tp.group, select=replicated_factors, mean=False)
+    elif cls is ReplicatedTP and tp.size > 1:  # another engine's DP reduction must see summed gradients
+        parallel.tp_grad_hooks = EagerGradientSum(model, tp.group, select=replicated_factors)
     if dp_group is not None and data_parallel:
         parallel.grads = GradientAverager(model, dp_group)
     state_of(model, create=True).parallel = parallel

@@ -265,12 +265,6 @@ def check_layout(parallel: ParallelConfig, seq_len: int | None) -> None:
             f"parallel.ep={parallel.ep}: the expert-parallel ranks are the TP group's, so ep must divide "
             f"parallel.tp={parallel.tp}; valid: {valid}"
         )
-    if parallel.sharding == "replicated" and parallel.engine == "deepspeed" and parallel.tp > 1:
-        raise TrainConfigError(
-            "parallel.sharding=replicated with parallel.engine=deepspeed: DeepSpeed reduces gradients "
-            "in its own backward hooks, before the replicated factors' gradients are summed over TP; "
-            "use parallel.engine=native, or parallel.sharding=bdlora / slora"
-        )
     if parallel.tp_plan is not None:
         try:
             check_tp_plan(parallel.tp_plan)

@@ -1,9 +1,15 @@
 """``parallel.engine=deepspeed``: DeepSpeed's ZeRO over the mesh's DP group; bdlora's TP unchanged.
 
 The model is built and ``parallelize``d exactly as for the native engine, except that DP gradient
-averaging is left to DeepSpeed. Only the adapter parameters go to ``deepspeed.initialize``, with
-bdlora's own AdamW and schedule, the mesh as DeepSpeed's model-parallel unit, and every TP-sharded
-trainable parameter marked for a TP-aware clip norm (``bdlora.parallel.deepspeed_mpu``).
+averaging is left to DeepSpeed (``data_parallel=False``). DeepSpeed may reduce a gradient over DP
+as soon as it is ready (ZeRO 2, in its backward hooks, whenever a bucket fills), so the
+``replicated`` sharding's whole factors have their partial gradients summed over TP one by one
+before they are accumulated (``parallelize``'s ``tp_grad_hooks``), not in the native engine's one
+all-reduce after backward, which could come too late. Only the adapter parameters go to
+``deepspeed.initialize``, with bdlora's own AdamW and schedule, the mesh as DeepSpeed's
+model-parallel unit, and every TP-sharded trainable parameter marked for a TP-aware clip norm
+(``bdlora.parallel.deepspeed_mpu``; ``replicated``'s whole factors, equal on every TP rank once
+summed, unmarked: counted once).
 
 The DeepSpeed config is derived from the trainer's settings (micro batch, accumulation, clipping)
 and merged with ``deepspeed.config`` (the ``deepspeed/`` config group: ``zero1``, ``zero2``,
@@ -29,6 +35,7 @@ import yaml
 from torch import nn
 
 from bdlora.parallel.deepspeed_mpu import MeshMPU, mark_tp_sharded
+from bdlora.state import state_of
 from bdlora.train.config import TrainConfig, TrainConfigError
 from bdlora.train.context import RunContext
 from bdlora.train.loop import StepResult, Trainer
@@ -99,6 +106,7 @@ def initialize(model: nn.Module, optimizer, scheduler, ctx: RunContext, ds_confi
 
     _local_rank_for_a_world_of_one()
     deepspeed.init_distributed(dist_backend="nccl" if ctx.device.type == "cuda" else "gloo")
+    check_no_native_sync(model)
     mark_tp_sharded(model)
     params = [p for p in model.parameters() if p.requires_grad]
     engine, _, _, _ = deepspeed.initialize(
@@ -111,6 +119,17 @@ def initialize(model: nn.Module, optimizer, scheduler, ctx: RunContext, ds_confi
     )
     check_engine_layout(engine.dp_world_size, engine.mp_world_size, ctx)
     return engine
+
+
+def check_no_native_sync(model: nn.Module) -> None:
+    """The model was ``parallelize``d with ``data_parallel=False``: no native gradient sync after
+    backward (DP average, ``replicated``'s bucketed TP sum) that DeepSpeed's would add to or precede."""
+    parallel = state_of(model).parallel
+    if parallel is not None and (parallel.grads is not None or parallel.tp_grads is not None):
+        raise ValueError(
+            "the model syncs its gradients natively after backward (parallelize(data_parallel=True)); "
+            "under DeepSpeed build it with data_parallel=False"
+        )
 
 
 def use_prebuilt_ops() -> None:
