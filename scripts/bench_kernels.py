@@ -96,7 +96,10 @@ def check_equal(x, w, a, b, grad_out, stacked) -> None:
         x.grad = a.grad = b.grad = None
     for kernel in KERNELS[1:]:
         for got, want in zip(results[kernel], results["unfused"], strict=True):
-            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=lambda m, k=kernel: f"{k}: {m}")
+            # sums over hundreds of tokens: rounding scales with the largest entry; a wrong layout
+            # is off by the entries themselves
+            atol = 1e-5 * want.abs().max().item()
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=atol, msg=lambda m, k=kernel: f"{k}: {m}")
 
 
 def time_kernels(d_in: int, d_out: int, r: int, tokens: int, reps: int) -> dict[str, list[float]]:
