@@ -80,6 +80,7 @@ bench: $(STAMP) $(SERVE_STAMP)
 	$(BIN)/python scripts/bench_moe.py
 	$(BIN)/python scripts/bench_moe.py --tp 2 --ep 2
 	$(BIN)/python scripts/bench_moe.py --tp 2 --ep 1
+	mkdir -p outputs && $(BIN)/python scripts/peft_tp.py --out outputs/peft_tp.json
 	$(BIN)/python scripts/bench_serve.py
 
 # On a machine with an NVIDIA GPU: the layer and 1B-step benchmark in bf16.
