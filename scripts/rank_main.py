@@ -26,10 +26,14 @@ def torchrun(nproc: int, script: str, *args: str) -> list[str]:
 
 
 def run_rank(body: Callable[[Args], None], args: Args) -> None:
-    """``body(args)`` with transformers' deprecation noise off; the process group destroyed after."""
+    """``body(args)`` with transformers' deprecation noise off; the process group destroyed after,
+    once every rank has finished (a rank tearing gloo down while another still talks to it can
+    abort the process: "terminate called without an active exception")."""
     warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
     try:
         body(args)
+        if dist.is_initialized():
+            dist.barrier()
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -117,6 +117,16 @@ def close(actual, expected, what: str) -> None:
     torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5, msg=lambda d: f"{what}: {d}")
 
 
+def close_to_reference(res: dict, reference: dict, rank: int, summed: str) -> None:
+    """One rank's gradients (A's summed over TP ``summed``) and factors after the AdamW steps."""
+    for name, (grad_a, grad_b) in reference["grads"].items():
+        close(res["grads"][name][0], grad_a, f"rank {rank} grad A of {name} ({summed})")
+        close(res["grads"][name][1], grad_b, f"rank {rank} grad B of {name}")
+    for name, (a, b) in reference["factors"].items():
+        close(res["factors"][name][0], a, f"rank {rank} A of {name} after {STEPS} AdamW steps")
+        close(res["factors"][name][1], b, f"rank {rank} B of {name} after {STEPS} AdamW steps")
+
+
 @pytest.mark.parametrize(("world", "tp"), [(2, 2), (4, 4), (4, 2)], ids=["tp2", "tp4", "dp2xtp2"])
 def test_replicated_matches_one_process(reference, tmp_path, world, tp):
     results = run_distributed(run, world, tp, str(tmp_path / "adapter"))
@@ -124,12 +134,7 @@ def test_replicated_matches_one_process(reference, tmp_path, world, tp):
         close(res["logits"], reference["logits"], f"rank {rank} logits")
         if world == tp:  # with DP each replica's loss is its half's
             close(res["loss"], reference["loss"], f"rank {rank} loss")
-        for name, (grad_a, grad_b) in reference["grads"].items():
-            close(res["grads"][name][0], grad_a, f"rank {rank} grad A of {name} (after the TP sum)")
-            close(res["grads"][name][1], grad_b, f"rank {rank} grad B of {name}")
-        for name, (a, b) in reference["factors"].items():
-            close(res["factors"][name][0], a, f"rank {rank} A of {name} after {STEPS} AdamW steps")
-            close(res["factors"][name][1], b, f"rank {rank} B of {name} after {STEPS} AdamW steps")
+        close_to_reference(res, reference, rank, "after the TP sum")
         # no forward collective beyond the base's f/g; backward: the base's plus one summed all-reduce
         blocks = 2 * 2  # tiny-llama: 2 layers x (attention, MLP)
         assert res["forward"]["count"] == blocks, res["forward"]
@@ -160,16 +165,9 @@ def test_summing_each_gradient_as_it_is_ready_matches_one_process(reference):
     before it is accumulated, one all-reduce per factor, the same bytes as the flat one."""
     for rank, res in enumerate(run_distributed(run, 2, 2, None, False)):
         close(res["loss"], reference["loss"], f"rank {rank} loss")
-        for name, (grad_a, grad_b) in reference["grads"].items():
-            close(res["grads"][name][0], grad_a, f"rank {rank} grad A of {name} (summed in backward)")
-            close(res["grads"][name][1], grad_b, f"rank {rank} grad B of {name}")
-        for name, (a, b) in reference["factors"].items():
-            close(res["factors"][name][0], a, f"rank {rank} A of {name} after {STEPS} AdamW steps")
-            close(res["factors"][name][1], b, f"rank {rank} B of {name} after {STEPS} AdamW steps")
+        close_to_reference(res, reference, rank, "summed in backward")
         blocks = 2 * 2
-        assert (
-            res["replicated_count"] == 2 * 7
-        )  # tiny-llama: 2 layers x 7 adapted linears, one whole factor each
+        assert res["replicated_count"] == 2 * 7  # tiny-llama: 2 layers x 7 linears, one whole factor each
         assert res["step"]["count"] == 2 * blocks - 1 + res["replicated_count"], res["step"]
         hidden_tokens_bytes = BATCH * SEQ * 64 * 4
         assert res["step"]["bytes"] == (2 * blocks - 1) * hidden_tokens_bytes + res["replicated_bytes"]
