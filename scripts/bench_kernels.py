@@ -22,7 +22,9 @@ FLOP share (6 FLOPs per factor element against the frozen layer's 4 per weight e
 from __future__ import annotations
 
 import argparse
+import shlex
 import statistics
+import sys
 import time
 from collections.abc import Callable
 
@@ -137,6 +139,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tokens", type=int, default=512, help="batch x seq of bench_tp.py's step")
     p.add_argument("--reps", type=int, default=200)
     args = p.parse_args(argv)
+    print("$ python " + shlex.join(["scripts/bench_kernels.py", *(sys.argv[1:] if argv is None else argv)]))
     torch.set_num_threads(1)
     torch.manual_seed(0)
     r = args.rank // args.tp
