@@ -135,6 +135,17 @@ def test_deepspeed_config_comes_from_the_trainer_settings(tmp_path):
         build_ds_config(cfg, dp_size=2)
 
 
+def test_zero3_under_tp_is_refused_before_anything_is_built():
+    cfg = TrainConfig()
+    cfg.deepspeed.config = {"zero_optimization": {"stage": 3}}
+    assert build_ds_config(cfg, dp_size=2)["zero_optimization"] == {"stage": 3}  # TP 1: fine
+    cfg.parallel.tp = 2
+    with pytest.raises(
+        TrainConfigError, match=r"ZeRO stage 3 \(deepspeed=zero3\) with parallel.tp=2: .* zero2"
+    ):
+        build_ds_config(cfg, dp_size=2)
+
+
 def test_an_engine_on_the_wrong_groups_is_refused():
     class Ctx:
         dp_size = 1

@@ -75,6 +75,16 @@ def build_ds_config(cfg: TrainConfig, dp_size: int) -> dict[str, Any]:
                 f"the DeepSpeed config has a {section!r} section; the trainer's {decided_by} decide it "
                 f"(the same for both engines): remove the section"
             )
+    stage = (user.get("zero_optimization") or {}).get("stage", 0)
+    if stage == 3 and cfg.parallel.tp > 1:
+        # ZeRO 3's hooks hand on a new tensor for every module's output, so a TP block's output is
+        # never its row layer's by identity: parallelize's boundary would refuse each block with a
+        # message about residuals that does not apply
+        raise TrainConfigError(
+            f"ZeRO stage 3 (deepspeed=zero3) with parallel.tp={cfg.parallel.tp}: ZeRO 3's hooks replace "
+            f"every module's output, so bdlora cannot see a TP block end at its row-parallel layer; use "
+            f"deepspeed=zero1 or zero2 at parallel.tp > 1 (ZeRO 3 works at parallel.tp=1)"
+        )
     out = {**user, "zero_allow_untested_optimizer": True, "steps_per_print": 2**31 - 1}
     for key, (value, setting) in derived_settings(cfg, dp_size).items():
         if key in user and user[key] != value:
