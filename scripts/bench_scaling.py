@@ -211,18 +211,21 @@ def plot(label: str, points: list[dict], path: Path) -> None:
     x = [p["x"] for p in points]
     fig, (ax_ms, ax_ratio, ax_mem) = plt.subplots(1, 3, figsize=(13, 3.8), constrained_layout=True)
     adapted = [m for m in TP_MODES[1:] if f"{m}_ms" in points[0]]
-    ax_ms.plot(x, [p["base_ms"] for p in points], "o-", label="frozen base")
-    for mode, marker in zip(adapted, "s^v"):
-        ax_ms.plot(x, [p[f"{mode}_ms"] for p in points], f"{marker}-", label=LABELS[mode])
-        ax_ratio.plot(x, [p[f"ratio_{mode}"] for p in points], f"{marker}-", label=LABELS[mode])
+    style = {mode: (f"C{i + 1}", marker) for i, (mode, marker) in enumerate(zip(adapted, "s^v"))}  # per mode
+    ax_ms.plot(x, [p["base_ms"] for p in points], "o-", color="C0", label="frozen base")
+    for mode, (color, marker) in style.items():
+        ax_ms.plot(x, [p[f"{mode}_ms"] for p in points], f"{marker}-", color=color, label=LABELS[mode])
+        ax_ratio.plot(x, [p[f"ratio_{mode}"] for p in points], f"{marker}-", color=color, label=LABELS[mode])
     ax_ms.set(ylabel="median step time (ms)", title="step time")
     ax_ratio.axhline(1.0, color="grey", lw=0.8, ls="--")
     ax_ratio.set(ylabel="adapted / base", title="step-time overhead")
-    ax_mem.plot(x, [p["act_base"] / MiB for p in points], "o-", label="saved activations, base")
-    ax_mem.plot(x, [p["act_bdlora"] / MiB for p in points], "s-", label="saved activations, BD-LoRA")
-    for mode in adapted:
+    ax_mem.plot(x, [p["act_base"] / MiB for p in points], "o:", color="C0", label="saved activations, base")
+    ax_mem.plot(
+        x, [p["act_bdlora"] / MiB for p in points], "s:", color="C1", label="saved activations, BD-LoRA"
+    )
+    for mode, (color, marker) in style.items():
         adapter_mib = [p[f"adapter_opt_{mode}"] / MiB for p in points]
-        ax_mem.plot(x, adapter_mib, "^-", label=f"{LABELS[mode]} + AdamW")
+        ax_mem.plot(x, adapter_mib, f"{marker}-", color=color, label=f"{LABELS[mode]} + AdamW")
     ax_mem.set(ylabel="MiB per rank", title="memory")
     for ax in (ax_ms, ax_ratio, ax_mem):
         ax.set_xscale("log", base=2)
