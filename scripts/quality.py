@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from rank_main import torchrun
+from rank_main import run_rank, torchrun
 from torch import nn
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -471,7 +471,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.mode == "run":
-        run_one(args)
+        run_rank(run_one, args)  # under torchrun: every rank done before gloo is torn down
     else:
         run_all(args)  # report: the same tables, from the runs finished so far
 
