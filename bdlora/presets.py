@@ -178,9 +178,17 @@ PRESETS.update(MOE_PRESETS)
 
 
 def llama_config(
-    hidden: int, intermediate: int, layers: int, heads: int, vocab: int, max_positions: int = 2048
+    hidden: int,
+    intermediate: int,
+    layers: int,
+    heads: int,
+    vocab: int,
+    max_positions: int = 2048,
+    kv_heads: int | None = None,
+    **extra,
 ):
-    """A Llama config of the given sizes (full attention: as many KV heads as heads), for benchmarks."""
+    """A Llama config of the given sizes (``kv_heads`` None: full attention, as many KV heads as
+    heads), for benchmarks and tests; ``extra``: other ``LlamaConfig`` fields."""
     from transformers import LlamaConfig  # noqa: PLC0415
 
     return LlamaConfig(
@@ -188,10 +196,40 @@ def llama_config(
         intermediate_size=intermediate,
         num_hidden_layers=layers,
         num_attention_heads=heads,
-        num_key_value_heads=heads,
+        num_key_value_heads=heads if kv_heads is None else kv_heads,
         vocab_size=vocab,
         max_position_embeddings=max_positions,
+        **extra,
     )
+
+
+def save_byte_llama(
+    out: Path, hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int, max_positions: int
+) -> Path:
+    """A random Llama (seed 0) of these sizes with bdlora's byte-level tokenizer (vocabulary 256,
+    eos as bos, untied head), saved to ``out``: a model vLLM serves, for tests and benchmarks."""
+    from transformers import LlamaForCausalLM  # noqa: PLC0415
+
+    from bdlora.train.export import hf_byte_tokenizer  # noqa: PLC0415
+
+    tokenizer = hf_byte_tokenizer()
+    eos = tokenizer.eos_token_id
+    config = llama_config(
+        hidden,
+        intermediate,
+        layers,
+        heads,
+        len(tokenizer),
+        max_positions,
+        kv_heads,
+        eos_token_id=eos,
+        bos_token_id=eos,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
 
 
 def preset_config(name: str):

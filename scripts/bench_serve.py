@@ -237,31 +237,13 @@ def cores() -> int:
 # -- building the model and the adapters (trainer venv) ----------------------------------------------------
 def build_model(args: argparse.Namespace, out: Path) -> Path:
     """A random Llama of the requested sizes, with bdlora's byte tokenizer (vocabulary 256)."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from bdlora.train.export import hf_byte_tokenizer
+    from bdlora.presets import save_byte_llama
 
     if (out / "config.json").is_file():
         return out
-    tokenizer = hf_byte_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=args.hidden,
-        intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        num_key_value_heads=args.kv_heads,
-        head_dim=args.hidden // args.heads,
-        max_position_embeddings=max_model_len(args),
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=False,
+    return save_byte_llama(
+        out, args.hidden, args.intermediate, args.layers, args.heads, args.kv_heads, max_model_len(args)
     )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
 
 
 def build_adapters(

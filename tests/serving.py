@@ -45,27 +45,11 @@ def serve_env() -> dict:
 
 def write_tiny_llama(out: Path) -> Path:
     """A 2-layer Llama (4 heads, 4 KV heads of dim 32: TP 1, 2 and 4) with a byte-level tokenizer."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from bdlora.presets import save_byte_llama
 
-    from bdlora.train.export import hf_byte_tokenizer
-
-    tokenizer = hf_byte_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=256,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=False,
+    return save_byte_llama(
+        out, hidden=128, intermediate=256, layers=2, heads=4, kv_heads=4, max_positions=256
     )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
 
 
 def train(run_dir: Path, *overrides: str) -> Path:

@@ -27,6 +27,15 @@ _HOOKED = "_bdlora_dp_hooked"
 _SUM_HOOKED = "_bdlora_eager_sum_hooked"
 
 
+def unmarked(params: list[nn.Parameter], marker: str) -> list[nn.Parameter]:
+    """Those of ``params`` not yet carrying ``marker``, which they carry from now on: the parameters
+    a forward pre-hook has not hooked yet (an adapter added after the hook was installed)."""
+    new = [p for p in params if not getattr(p, marker, False)]
+    for p in new:
+        setattr(p, marker, True)
+    return new
+
+
 class GradientAverager:
     """Averages trainable gradients over ``group`` once per backward pass (``select``: which
     parameters, all trainable ones by default; ``mean=False`` sums instead)."""
@@ -49,10 +58,8 @@ class GradientAverager:
         if not torch.is_grad_enabled():
             return
         self._params = self.select(model)
-        for p in self._params:
-            if not getattr(p, _HOOKED, False):
-                p.register_post_accumulate_grad_hook(self._on_grad)
-                setattr(p, _HOOKED, True)
+        for p in unmarked(self._params, _HOOKED):
+            p.register_post_accumulate_grad_hook(self._on_grad)
 
     def _on_grad(self, param: nn.Parameter) -> None:
         if self.sync and not self._queued and param.requires_grad:
@@ -119,7 +126,4 @@ class EagerGradientSum:
     def _hook_new(self, model: nn.Module, args: tuple) -> None:
         if not torch.is_grad_enabled():
             return
-        new = [p for p in self.select(model) if not getattr(p, _SUM_HOOKED, False)]
-        self.handles += sum_grads_in_backward(new, self.group)
-        for p in new:
-            setattr(p, _SUM_HOOKED, True)
+        self.handles += sum_grads_in_backward(unmarked(self.select(model), _SUM_HOOKED), self.group)
